@@ -9,11 +9,39 @@ Three ways to use it::
 plus ``attnfuse.explain(model, *inputs)``: every candidate site, rewritten or not, and why.
 """
 
-from .fusions import Fusion, PatternFusion, PatternSpec, fusion_names
-from .passes.backend import AttnfuseBackend, attnfuse_backend, attnfuse_eager_backend, fusion_pass
-from .passes.manager import PassManager
-from .passes.patch import explain, is_patched, patch_model, report_of, unpatch_model
-from .passes.report import FusionReport, GraphReport, NearMiss, Site, collect_reports
+import importlib
+from typing import Any
+
+# Public names and the submodule each lives in. Imported on first use (PEP 562), so
+# that ``import attnfuse.passes.pytest_plugin`` (loaded by pytest at start-up) does not
+# import torch: a test suite may need to set TRITON_INTERPRET before torch imports
+# triton.
+_EXPORTS = {
+    "Fusion": ".fusions", "PatternFusion": ".fusions", "PatternSpec": ".fusions",
+    "fusion_names": ".fusions",
+    "AttnfuseBackend": ".passes.backend", "attnfuse_backend": ".passes.backend",
+    "attnfuse_eager_backend": ".passes.backend", "fusion_pass": ".passes.backend",
+    "PassManager": ".passes.manager",
+    "explain": ".passes.patch", "is_patched": ".passes.patch", "patch_model": ".passes.patch",
+    "report_of": ".passes.patch", "unpatch_model": ".passes.patch",
+    "FusionReport": ".passes.report", "GraphReport": ".passes.report", "NearMiss": ".passes.report",
+    "Site": ".passes.report", "collect_reports": ".passes.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'attnfuse' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

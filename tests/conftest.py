@@ -7,7 +7,11 @@ interpreter flag must be set before any kernel module is imported. This machine 
 
 import os
 
-import torch
-
-if not torch.cuda.is_available():
+# Decided before ``import torch``: torch 2.13 imports triton.language itself (torch._native
+# registers Triton kernels), which freezes the standard library (tl.zeros, tl.cdiv, ...)
+# in compiled mode, and interpreted kernels then fail calling it. No NVIDIA device node
+# means no GPU.
+if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402,F401
