@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from attnfuse.fusions import Fusion
+from attnfuse.fusions import Fusion, PatternFusion, PatternSpec
 
 aten = torch.ops.aten
 
@@ -67,3 +67,24 @@ class SiluModel(torch.nn.Module):
         h = h * torch.sigmoid(h)
         g = self.l2(h)
         return g * torch.sigmoid(g) + x * torch.sigmoid(g)
+
+
+class SiluPatternFusion(PatternFusion):
+    """The same rewrite through ``register_replacement``; refuses float64 with a reason."""
+
+    name = "silu_pattern_test"
+    origin = "test fixture"
+    emitted_targets = (torch.ops.attnfuse_testing.silu.default,)
+
+    def patterns(self):
+        def search(x):
+            return x * torch.sigmoid(x)
+
+        def replace(x):
+            return torch.ops.attnfuse_testing.silu(x)
+
+        def check(match):
+            x = match.kwargs["x"].meta["val"]
+            return "float64 is not supported" if x.dtype == torch.float64 else None
+
+        yield PatternSpec("silu", search, replace, [torch.empty(4, 8)], check=check)

@@ -282,3 +282,18 @@ def test_pass_manager_leaves_unfamiliar_graph_alone():
     assert pm.calls == 1 and gm.code == before
     with pytest.raises(ValueError, match="unknown fusion"):
         attnfuse.fusion_pass("no_such_fusion")
+
+
+def test_pattern_fusion_base_rewrites_and_records_refusals():
+    from silu_fusion import SiluPatternFusion
+
+    model, x = _inputs()
+    with torch.no_grad():
+        d = graph_diff(model, x, fusions=[SiluPatternFusion()], backend="eager")
+        torch.testing.assert_close(d.outputs, model(x), atol=F32_TOL, rtol=F32_TOL)
+    d.assert_fired(silu_pattern_test=2)
+    model64 = model.double()
+    with torch.no_grad():
+        d64 = graph_diff(model64, x.double(), fusions=[SiluPatternFusion()], backend="eager")
+    d64.assert_not_fired("silu_pattern_test")
+    assert {m.reason for m in d64.report.near_misses} == {"silu: float64 is not supported"}
