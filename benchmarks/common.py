@@ -99,6 +99,8 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[s
     """
     env = env_info()
     rows = [{**env, **r} for r in rows]
+    if rows:  # re-rendering measured rows elsewhere keeps the machine they were measured on
+        env = {k: rows[0][k] for k in env}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     md = [f"# {title or name}", "",
           f"GPU: {env['gpu']} · torch {env['torch']} · triton {env['triton']} · "

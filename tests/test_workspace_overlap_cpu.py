@@ -38,6 +38,8 @@ TEST_SETTINGS = {
     "overlap_on_cpu": True,
     "fill_bandwidth_gbps": 0.5,
     "program_bandwidth_gbps": 0.25,
+    "bounded_fill_bandwidth_gbps": 0.5,
+    "side_stream_fill_slowdown": 1.0,
     "kernel_floor_us": 10.0,
     "min_fill_bytes": 1024,
 }
@@ -93,7 +95,7 @@ def _fresh():
 @pytest.fixture
 def registered():
     """Register the test consumers and forget them afterwards."""
-    register_workspace_consumer(torch.ops.attnfuse_ws_test.scratch_attention, "workspace", needs_zeros=False)
+    register_workspace_consumer(scratch_attention, "workspace", needs_zeros=False)
     register_workspace_consumer("attnfuse_ws_test::semaphore_kernel", "workspace", needs_zeros=True,
                                 region=(0, 1024))
     yield
@@ -220,7 +222,7 @@ def test_fork_goes_at_latest_point_that_hides_the_fill():
     # a fast fill (2 GB/s: 33 us) hides behind the last matmul alone (10 us floor is not
     # enough, but one matmul counted at 40 us is), so the fork lands after the first one
     settings = dict(TEST_SETTINGS, fill_bandwidth_gbps=2.0, program_bandwidth_gbps=1.0,
-                    kernel_floor_us=40.0)
+                    bounded_fill_bandwidth_gbps=2.0, kernel_floor_us=40.0)
     args = [_rand(16, 16) for _ in range(4)]
     d = graph_diff(_mla_like, *args, fusions=["workspace_overlap"], backend="eager",
                    options={"workspace_overlap": settings})
@@ -417,6 +419,24 @@ def test_fill_narrowed_to_registered_region(registered):
     torch.testing.assert_close(d.outputs, fn(*args), rtol=1e-6, atol=1e-5)
 
 
+def test_narrowed_fill_stays_serial_where_overlap_does_not_pay(registered):
+    def fn(x, w, q):
+        workspace = torch.zeros(WORKSPACE_NUMEL, device=x.device)
+        kv = (x @ w) @ w
+        return torch.ops.attnfuse_ws_test.semaphore_kernel(kv + q, workspace)
+
+    args = [_rand(16, 16) for _ in range(3)]
+    # default settings: no overlap on CPU, but the fill still shrinks to the 1 KiB region
+    d = graph_diff(fn, *args, fusions=["workspace_overlap"], backend="eager",
+                   options={"workspace_overlap": {"min_fill_bytes": 1024}})
+    d.assert_fired(workspace_overlap=1)
+    assert "narrowed from 65536 B to 1024 B, serial" in d.report.sites[0].detail
+    ops = _ops_in_order(d.after)
+    fork = ops.index(FORK)
+    assert ops[fork + 1:fork + 3] == [JOIN, "auto_functionalized_v2"]  # the consumer, functionalized
+    torch.testing.assert_close(d.outputs, fn(*args), rtol=1e-6, atol=1e-5)
+
+
 def test_private_registry_through_options():
     registry = WorkspaceConsumerRegistry()
     registry.register(torch.ops.attnfuse_ws_test.scratch_attention, needs_zeros=False)
@@ -476,17 +496,32 @@ MIB = 1024 * 1024
 
 
 def test_cost_model_latency_bound_window_overlaps_on_bounded_grid():
-    s = OverlapSettings()
-    # 128 MiB fill (44 us alone) beside a 15 us latency-bound window moving 20 MB
-    plan = plan_overlap(128 * MIB, WindowCost(time_us=15.0, bytes=20 * 10**6), s)
+    # without the measured side-stream slowdown: the model's bounded-grid arithmetic
+    s = OverlapSettings(side_stream_fill_slowdown=1.0)
+    # 128 MiB fill (42 us alone) beside a 30 us latency-bound window moving 20 MB
+    plan = plan_overlap(128 * MIB, WindowCost(time_us=30.0, bytes=20 * 10**6), s)
     assert s.min_programs <= plan.num_programs <= s.max_programs
     assert plan.overlap_us < plan.serial_us - s.min_saving_us
-    # fill and window share the memory bus: the prediction is the bus time of both, and
-    # the grid is the smallest that fills in that time
-    shared_bus_us = (20 * 10**6 + 128 * MIB) / (s.memory_bandwidth_gbps * 1e3)
-    assert plan.overlap_us == pytest.approx(shared_bus_us + s.fork_join_us, rel=1e-3)
-    assert plan.hides
-    assert (128 * MIB) / ((plan.num_programs - 1) * s.program_bandwidth_gbps * 1e3) > shared_bus_us
+    # the fill dominates: the grid is the smallest that reaches the bounded bandwidth
+    bounded_us = 128 * MIB / (s.bounded_fill_bandwidth_gbps * 1e3)
+    assert plan.overlap_us == pytest.approx(bounded_us + s.fork_join_us, rel=1e-3)
+    assert plan.num_programs == -(-int(s.bounded_fill_bandwidth_gbps) // int(s.program_bandwidth_gbps))
+
+
+@pytest.mark.parametrize("window_us", [12.2, 29.8, 100.3])
+def test_default_model_leaves_whole_workspace_fills_serial(window_us):
+    # the pass's own window estimates for MLA context chunks of 512, 2048 and 8192 tokens:
+    # with the measured side-stream slowdown, overlapping a 128 MiB fill never pays
+    # (bench_workspace_sweep.md: no forced overlap beat serial)
+    s = OverlapSettings()
+    plan = plan_overlap(128 * MIB, WindowCost(time_us=window_us, bytes=int(window_us * 2e6)), s)
+    assert plan.saving_us < s.min_saving_us
+
+
+def test_default_model_overlaps_a_small_fill_beside_long_compute():
+    s = OverlapSettings()
+    plan = plan_overlap(64 * MIB, WindowCost(time_us=200.0, bytes=50 * 10**6), s)
+    assert plan.saving_us >= s.min_saving_us and plan.hides
 
 
 def test_cost_model_memory_bound_window_does_not_pay():
@@ -497,6 +532,6 @@ def test_cost_model_memory_bound_window_does_not_pay():
 
 
 def test_cost_model_long_compute_window_hides_a_small_grid():
-    s = OverlapSettings()
+    s = OverlapSettings(side_stream_fill_slowdown=1.0)
     plan = plan_overlap(128 * MIB, WindowCost(time_us=400.0, bytes=10**6), s)
     assert plan.hides and plan.num_programs < s.max_programs
