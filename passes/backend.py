@@ -95,7 +95,13 @@ class AttnfuseBackend:
         manager = self._manager()
 
         def fw_compiler(graph_module: fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-            with inductor_config.patch(self.options.inductor):
+            from torch._guards import detect_fake_mode
+            from torch._inductor.virtualized import V
+
+            # Inductor's joint-graph passes (random-op replacement among them) read the
+            # fake mode from V, which only Inductor's own compile sets
+            fake_mode = detect_fake_mode(inputs) or torch._subclasses.FakeTensorMode()
+            with inductor_config.patch(self.options.inductor), V.set_fake_mode(fake_mode):
                 graph_module = _recursive_joint_graph_passes(graph_module)
             view_to_reshape(graph_module)
             manager(graph_module.graph)

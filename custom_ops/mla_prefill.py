@@ -1,0 +1,660 @@
+"""``attnfuse::mla_prefill``: MLA prefill attention that picks its form at run time.
+
+DeepSeek-style multi-head latent attention (MLA) caches one latent vector ``ckv`` (width
+``R = kv_lora_rank``) and one shared RoPE key ``k_pe`` per token. Per head ``h`` the
+keys and values are linear in the latent::
+
+    k_h = [W_UK[h] @ ckv ; k_pe]        (D_nope + D_rope)
+    v_h =  W_UV[h] @ ckv                (D_v)
+
+Prefill can compute the same attention in two forms:
+
+* **absorbed** (the "MQA over the latent" form): project the queries into the latent
+  space, ``q_lat = q_nope @ W_UK`` (per head), attend with ``[q_lat ; q_pe]`` against
+  ``[ckv ; k_pe]`` (keys ``R + D_rope`` wide, one KV head), and project the latent
+  output back with ``W_UV``. Dense over every visible token, or sparse over the top-k
+  tokens an indexer picked per query (DeepSeek-V3.2).
+* **MHA** (decompressed): materialise ``k_nope`` and ``v`` for every attended token and
+  every head with one GEMM against the kv_b_proj weight, then run ordinary ragged causal
+  MHA with head dims (``D_nope + D_rope``, ``D_v``) = (192, 128) for DeepSeek-V3. Far
+  fewer FLOPs per (query, key) pair, but quadratic in the sequence length and
+  ``T x H x 320`` elements of scratch.
+
+The choice is made by ``choose_path`` from one per-GPU ``PrefillRule`` (see ``RULES``),
+grounded in ``benchmarks/bench_mla_prefill.py``: sparse attention may take the MHA form
+only where it is exact (every sequence no longer than the top-k and the indexer selects
+every visible token); the MHA form decompresses and attends groups of whole sequences
+whose K/V fit ``DECOMPRESSED_KV_BUDGET_BYTES``, so only a sequence too long for the budget
+on its own goes to the absorbed form. Measured on H100 (GPU time): dense MHA is faster at
+every length from 128 to 16k tokens at 16 and 128 heads, so the SM90 rule takes MHA for
+every dense call within the budget; for sparse calls the crossover is the top-k itself.
+
+Back ends: on CUDA the MHA form runs flashinfer's ``BatchPrefillWithRaggedKVCacheWrapper``
+(fa3 on SM90 at head dims (192, 128)), or ``trtllm_ragged_attention_deepseek`` on SM100
+(wired behind a capability check, **untested here**: no Blackwell GPU was available); the
+dense absorbed form runs flashinfer's ``BatchMLAPagedAttentionWrapper`` (page size 1 over
+the attended latents; plans are split where flashinfer's work-item capacity ends, long
+sequences into query chunks); the sparse absorbed form gathers the top-k latents per query
+chunk and runs two batched GEMMs with an fp32 softmax in plain torch (no sparse MLA kernel
+for SM90 here: 10-70x slower than the MHA form where both apply). Where flashinfer is
+missing or does not support the shapes, and on CPU, both forms run in plain torch.
+
+The GPU back ends read ``cu_seqlens`` on the host (flashinfer's ``plan``), so a call
+synchronises once and is not CUDA-graph capturable; prefill runs outside graphs in
+serving engines.
+
+Parameters (all tensors on one device; ``T`` query tokens, ``H`` heads)
+----------
+q_nope : (T, H, D_nope)              float16 / bfloat16 / float32
+q_pe : (T, H, D_rope)                RoPE already applied
+ckv : (T, R)                         latent of the attended tokens (same tokens as q)
+k_pe : (T, D_rope)                   RoPE key of the attended tokens, shared by all heads
+w_uk : (H, D_nope, R)                ``q_lat = q_nope @ w_uk`` (kv_b_proj's K rows)
+w_uv : (H, R, D_v)                   ``out = o_lat @ w_uv`` (kv_b_proj's V rows, transposed)
+cu_seqlens : (B + 1,) int32/int64    ragged batch: sequence b owns rows [cu[b], cu[b+1])
+max_seqlen : int                     the longest sequence (``max(diff(cu_seqlens))``)
+scale : float                        softmax scale (1/sqrt(D_nope + D_rope) usually)
+causal : bool                        each query sees its sequence's tokens up to itself
+topk_indices : (T, K) int32/int64 or None
+    sparse attention: rows of ``ckv`` each query attends (distinct within a row), ``-1``
+    for unused slots. The indexer's guarantee (rows of the query's own sequence, visible
+    to it) is trusted.
+topk_covers_visible : bool
+    the caller promises that a query with at most K visible tokens lists all of them
+    (DeepSeek-V3.2's indexer does: it returns every candidate when there are no more
+    than K). Only then may sparse attention take the dense MHA form.
+path : "auto" | "mha" | "absorbed"
+    force a form (tests, benchmarks); "mha" on a sparse call needs the promise above.
+
+Returns
+-------
+out : (T, H, D_v), dtype of q_nope. A query whose top-k list is empty gets zeros.
+
+Example
+-------
+>>> out = torch.ops.attnfuse.mla_prefill(q_nope, q_pe, ckv, k_pe, w_uk, w_uv,
+...                                      cu_seqlens, max_seqlen, scale, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+# --------------------------------------------------------------------------- limits
+#: Scratch the MHA form may allocate at once for the decompressed K (D_nope + D_rope per
+#: head) and V (D_v per head). Bigger batches are decompressed and attended in groups of
+#: whole sequences that fit; only a single sequence whose K/V exceed it (26k tokens at
+#: DeepSeek-V3's 128 heads, 210k at 16 heads, bf16) takes the absorbed form, whose scratch
+#: does not grow with the head count. 2 GiB holds a 16k-token chunk at 128 heads (1.34 GB).
+DECOMPRESSED_KV_BUDGET_BYTES = 2 * 1024**3
+#: Query rows gathered at once by the torch sparse absorbed form: the gathered latents are
+#: (rows, K, R + D_rope) elements, 256 x 2048 x 576 x 2 B = 0.6 GB at DeepSeek-V3 sizes.
+SPARSE_GATHER_BUDGET_ELEMENTS = 256 * 2048 * 576
+#: flashinfer's float workspace for split-k scratch ("128 MB is the usual starting point").
+FLASHINFER_WORKSPACE_BYTES = 128 * 1024**2
+#: fa3's MLA kernels exist for these latent widths and for a 64-wide RoPE part only.
+FLASHINFER_MLA_CKV_DIMS = (128, 256, 512)
+FLASHINFER_MLA_KPE_DIM = 64
+#: fa3 ragged prefill head dims (qk, vo) besides equal dims; (192, 128) is DeepSeek MHA.
+FLASHINFER_FA3_UNEQUAL_HEAD_DIMS = ((192, 128),)
+FLASHINFER_FA3_EQUAL_HEAD_DIMS = (64, 128, 256)
+#: SM100 (Blackwell) head dims of trtllm_ragged_attention_deepseek (qk, vo).
+TRTLLM_RAGGED_HEAD_DIMS = ((192, 128), (128, 128), (256, 256))
+
+PATHS = ("auto", "mha", "absorbed")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ---------------------------------------------------------------------------- rule
+@dataclass(frozen=True)
+class PrefillRule:
+    """When a GPU takes the MHA form (every number measured in bench_mla_prefill.py).
+
+    ``short_absorbed``: rows ``(max_heads, max_seqs, max_seqlen)``; a call with at most
+    that many heads and sequences, none longer than ``max_seqlen``, takes the absorbed
+    form: there the work is tiny and the absorbed form's fewer kernel launches win.
+    ``dense_mha_max_seqlen``: dense calls longer than this take the absorbed form.
+    ``sparse_mha_max_seqlen_over_topk`` bounds sparse calls by ``max_seqlen <= f * K``;
+    it never exceeds 1, the point past which the MHA form stops being exact.
+    ``kv_budget_bytes``: the decompressed K/V of a call must fit, else absorbed.
+    """
+
+    name: str
+    short_absorbed: tuple[tuple[int, int, int], ...] = ()
+    dense_mha_max_seqlen: int = 1 << 62
+    sparse_mha_max_seqlen_over_topk: float = 1.0
+    kv_budget_bytes: int = DECOMPRESSED_KV_BUDGET_BYTES
+
+    def prefers_absorbed_when_short(self, num_heads: int, num_seqs: int, max_seqlen: int) -> bool:
+        return any(num_heads <= h and num_seqs <= n and max_seqlen <= L
+                   for h, n, L in self.short_absorbed)
+
+
+RULES: dict[str, PrefillRule] = {
+    # H100 (SM90), flashinfer fa3 for both forms, DeepSeek-V3 sizes, bf16. GPU time (CUDA
+    # graphs): dense MHA beat dense absorbed at every measured point, 128 to 16k tokens,
+    # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k), and
+    # in eager runs from 1k tokens on (uniform and ragged batches too). Below 1k tokens
+    # eager timings are launch-bound (30-150 us) and flipped between runs, so they set no
+    # rule (``short_absorbed`` stays empty). Sparse: MHA wherever it is exact (<= k).
+    "sm90": PrefillRule("sm90"),
+    # Blackwell: not measured here; SGLang routes prefill the same way (MHA for short).
+    "sm100": PrefillRule("sm100"),
+    # CPU and other GPUs run the torch forms; the MHA form does fewer FLOPs per pair.
+    "default": PrefillRule("default"),
+}
+
+
+def rule_for(device: torch.device) -> PrefillRule:
+    """The rule of the GPU (or CPU) that runs the call."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major == 9:
+            return RULES["sm90"]
+        if major == 10:
+            return RULES["sm100"]
+    return RULES["default"]
+
+
+def decompressed_kv_bytes(num_tokens: int, num_heads: int, qk_head_dim: int, v_head_dim: int,
+                          element_size: int) -> int:
+    """Scratch of the MHA form: K and V for every attended token and head."""
+    return num_tokens * num_heads * (qk_head_dim + v_head_dim) * element_size
+
+
+def choose_path(*, num_tokens: int, num_heads: int, num_seqs: int, qk_nope_dim: int,
+                rope_dim: int, v_head_dim: int, element_size: int, max_seqlen: int,
+                topk: Optional[int], topk_covers_visible: bool, rule: PrefillRule) -> str:
+    """``"mha"`` or ``"absorbed"`` for one call (a pure function of sizes: no device sync)."""
+    # The MHA form decompresses one group of whole sequences at a time (mha_groups), so
+    # only a sequence whose own K/V exceed the budget rules it out.
+    kv_bytes = decompressed_kv_bytes(min(max_seqlen, num_tokens), num_heads, qk_nope_dim + rope_dim,
+                                     v_head_dim, element_size)
+    if kv_bytes > rule.kv_budget_bytes:
+        return "absorbed"
+    if topk is None:
+        if rule.prefers_absorbed_when_short(num_heads, num_seqs, max_seqlen):
+            return "absorbed"
+        return "mha" if max_seqlen <= rule.dense_mha_max_seqlen else "absorbed"
+    # Sparse: the dense MHA form equals sparse attention only when the top-k list of
+    # every query is its whole visible prefix. (The sparse absorbed form never beat it.)
+    exact_limit = topk if topk_covers_visible else 0
+    sparse_limit = min(exact_limit, int(rule.sparse_mha_max_seqlen_over_topk * topk),
+                       rule.dense_mha_max_seqlen)
+    return "mha" if max_seqlen <= sparse_limit else "absorbed"
+
+
+# ---------------------------------------------------------------------- validation
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal,
+             topk_indices, topk_covers_visible, path) -> None:
+    """Raise ``ValueError`` naming the bad argument, its value and what was expected."""
+    tensors = dict(q_nope=q_nope, q_pe=q_pe, ckv=ckv, k_pe=k_pe, w_uk=w_uk, w_uv=w_uv)
+    ranks = dict(q_nope=3, q_pe=3, ckv=2, k_pe=2, w_uk=3, w_uv=3)
+    for name, t in tensors.items():
+        if t.dim() != ranks[name]:
+            raise ValueError(f"{name}: expected a {ranks[name]}-D tensor, got shape {_shape(t)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
+        if t.dtype != q_nope.dtype:
+            raise ValueError(f"{name}: expected dtype {q_nope.dtype} (q_nope's), got {t.dtype}")
+        if t.device != q_nope.device:
+            raise ValueError(f"{name}: expected device {q_nope.device} (q_nope's), got {t.device}")
+    T, H, d_nope = q_nope.shape
+    R = ckv.shape[1]
+    d_rope = q_pe.shape[2]
+    if _shape(q_pe)[:2] != (T, H):
+        raise ValueError(f"q_pe: expected shape ({T}, {H}, D_rope), got {_shape(q_pe)}")
+    if ckv.shape[0] != T:
+        raise ValueError(f"ckv: expected {T} rows (one latent per query token), got {_shape(ckv)}")
+    if _shape(k_pe) != (T, d_rope):
+        raise ValueError(f"k_pe: expected shape ({T}, {d_rope}), got {_shape(k_pe)}")
+    if _shape(w_uk) != (H, d_nope, R):
+        raise ValueError(f"w_uk: expected shape ({H}, {d_nope}, {R}) = (heads, D_nope, R), got {_shape(w_uk)}")
+    if w_uv.shape[0] != H or w_uv.shape[1] != R:
+        raise ValueError(f"w_uv: expected shape ({H}, {R}, D_v) = (heads, R, D_v), got {_shape(w_uv)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of batch + 1 >= 2 entries, "
+                         f"got shape {_shape(cu_seqlens)} dtype {cu_seqlens.dtype}")
+    if cu_seqlens.device != q_nope.device:
+        raise ValueError(f"cu_seqlens: expected device {q_nope.device}, got {cu_seqlens.device}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen: expected a positive int, got {max_seqlen!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a finite positive float, got {scale!r}")
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    if topk_indices is not None:
+        if (topk_indices.dim() != 2 or topk_indices.shape[0] != T or topk_indices.shape[1] < 1
+                or topk_indices.dtype not in _INDEX_DTYPES):
+            raise ValueError(f"topk_indices: expected a ({T}, K >= 1) int32/int64 tensor, "
+                             f"got shape {_shape(topk_indices)} dtype {topk_indices.dtype}")
+        if topk_indices.device != q_nope.device:
+            raise ValueError(f"topk_indices: expected device {q_nope.device}, got {topk_indices.device}")
+        if path == "mha" and not topk_covers_visible:
+            raise ValueError("path: 'mha' on a sparse call needs topk_covers_visible=True "
+                             "(otherwise dense MHA is not the same attention)")
+        if path == "mha" and max_seqlen > topk_indices.shape[1]:
+            raise ValueError(f"path: 'mha' on a sparse call needs max_seqlen <= K = "
+                             f"{topk_indices.shape[1]}, got max_seqlen {max_seqlen}")
+    # Host-side metadata checks: cheap on CPU; on GPU they would cost a sync on their own,
+    # so they ride on the one the GPU back ends already pay (see _host_seqlens).
+    if cu_seqlens.device.type == "cpu":
+        _check_seqlens(cu_seqlens.tolist(), T, max_seqlen)
+
+
+def _check_seqlens(cu: list[int], num_tokens: int, max_seqlen: int) -> None:
+    if cu[0] != 0 or cu[-1] != num_tokens:
+        raise ValueError(f"cu_seqlens: expected to start at 0 and end at {num_tokens} (tokens), "
+                         f"got {cu[0]} ... {cu[-1]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if min(lens) < 0:
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got lengths {lens}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"max_seqlen: expected >= the longest sequence {max(lens)}, got {max_seqlen}")
+
+
+# ------------------------------------------------------------ plain-torch reference
+def mla_prefill_reference(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale,
+                          causal=True, topk_indices=None) -> torch.Tensor:
+    """The definition, in float32: decompressed keys/values, explicit masks, per sequence."""
+    f = torch.float32
+    qn, qp, c, kp = q_nope.to(f), q_pe.to(f), ckv.to(f), k_pe.to(f)
+    k_nope = torch.einsum("tr,hdr->thd", c, w_uk.to(f))
+    v = torch.einsum("tr,hrv->thv", c, w_uv.to(f))
+    T, H, _ = q_nope.shape
+    out = torch.zeros(T, H, v.shape[-1], dtype=f, device=q_nope.device)
+    cu = cu_seqlens.tolist()
+    for start, end in zip(cu[:-1], cu[1:]):
+        if end == start:
+            continue
+        rows = torch.arange(start, end, device=q_nope.device)
+        if topk_indices is None:
+            cols = rows
+            visible = torch.ones(end - start, end - start, dtype=torch.bool, device=q_nope.device)
+            if causal:
+                visible = visible.tril()
+        else:
+            cols = torch.arange(T, device=q_nope.device)
+            idx = topk_indices[start:end].long()
+            # unused slots (-1) land in a spare last column, dropped afterwards
+            visible = torch.zeros(end - start, T + 1, dtype=torch.bool, device=q_nope.device)
+            visible.scatter_(1, torch.where(idx >= 0, idx, T), True)
+            visible = visible[:, :T]
+        scores = (torch.einsum("qhd,khd->hqk", qn[rows], k_nope[cols])
+                  + torch.einsum("qhd,kd->hqk", qp[rows], kp[cols])) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty top-k list -> zeros
+        out[rows] = torch.einsum("hqk,khv->qhv", probs, v[cols])
+    return out.to(q_nope.dtype)
+
+
+# --------------------------------------------------------------- torch forms (any device)
+def _seq_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    cu = cu_seqlens.tolist()
+    return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+
+def decompress_kv(ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (T, H, D_nope + D_rope) and V (T, H, D_v), both contiguous, from two GEMMs
+    against the kv_b_proj rows (free views of the weights in SGLang's layouts)."""
+    H, d_nope, R = w_uk.shape
+    d_v = w_uv.shape[2]
+    k_nope = (ckv @ w_uk.reshape(H * d_nope, R).t()).view(-1, H, d_nope)
+    v = (ckv @ w_uv.transpose(1, 2).reshape(H * d_v, R).t()).view(-1, H, d_v)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
+    return k, v
+
+
+def mla_prefill_mha_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, scale, causal):
+    """The MHA form in torch: decompress, then SDPA per sequence."""
+    k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    for start, end in _seq_bounds(cu_seqlens):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1), is_causal=causal, scale=scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _absorb_q(q_nope, w_uk):
+    # (H, T, D_nope) @ (H, D_nope, R) -> (T, H, R)
+    return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+
+def _unabsorb_o(o_lat, w_uv):
+    # (H, T, R) @ (H, R, D_v) -> (T, H, D_v)
+    return torch.bmm(o_lat.transpose(0, 1), w_uv).transpose(0, 1)
+
+
+def mla_prefill_absorbed_dense_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, scale,
+                                     causal):
+    """The dense absorbed form in torch: one KV head of width R + D_rope over the latent."""
+    q_lat = _absorb_q(q_nope, w_uk)
+    o_lat = q_lat.new_zeros(q_lat.shape)
+    for start, end in _seq_bounds(cu_seqlens):
+        scores = (torch.einsum("qhr,kr->hqk", q_lat[start:end], ckv[start:end])
+                  + torch.einsum("qhd,kd->hqk", q_pe[start:end], k_pe[start:end])).float() * scale
+        if causal:
+            n = end - start
+            hidden = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(ckv.dtype)
+        o_lat[start:end] = torch.einsum("hqk,kr->qhr", probs, ckv[start:end])
+    return _unabsorb_o(o_lat, w_uv)
+
+
+def mla_prefill_absorbed_sparse_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, topk_indices, scale):
+    """The sparse absorbed form in torch: gather each query's top-k latents (in chunks of
+    query rows bounded by SPARSE_GATHER_BUDGET_ELEMENTS), two batched GEMMs, fp32 softmax."""
+    q_lat = _absorb_q(q_nope, w_uk)
+    T, H, R = q_lat.shape
+    K = topk_indices.shape[1]
+    kv = torch.cat([ckv, k_pe], dim=-1)  # (T, R + D_rope): one gather for key and value
+    q = torch.cat([q_lat, q_pe], dim=-1)
+    o_lat = q_lat.new_empty(T, H, R)
+    chunk = max(1, SPARSE_GATHER_BUDGET_ELEMENTS // (K * kv.shape[1]))
+    for start in range(0, T, chunk):
+        end = min(T, start + chunk)
+        idx = topk_indices[start:end]
+        gathered = kv[idx.clamp(min=0).long()]  # (rows, K, R + D_rope)
+        scores = torch.bmm(q[start:end], gathered.transpose(1, 2)).float() * scale
+        scores = scores.masked_fill((idx < 0)[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(ckv.dtype)
+        o_lat[start:end] = torch.bmm(probs, gathered[..., :R])
+    return _unabsorb_o(o_lat, w_uv)
+
+
+# ------------------------------------------------------------------ GPU back ends
+def _flashinfer():
+    try:
+        import flashinfer  # noqa: F401  (optional dependency: attnfuse[flashinfer])
+
+        return flashinfer
+    except Exception:
+        return None
+
+
+def _fa3_head_dims_ok(qk: int, vo: int) -> bool:
+    return (qk == vo and qk in FLASHINFER_FA3_EQUAL_HEAD_DIMS) or (qk, vo) in FLASHINFER_FA3_UNEQUAL_HEAD_DIMS
+
+
+def _gpu_backend_ok(q_nope) -> bool:
+    return q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and _flashinfer() is not None
+
+
+def _workspace(device, zeroed: bool = False) -> torch.Tensor:
+    # Per call from the stream-ordered caching allocator: no buffer shared across streams.
+    alloc = torch.zeros if zeroed else torch.empty
+    return alloc(FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
+class FlashinferWrappers:
+    """flashinfer wrappers kept for reuse, one per (device, stream, kind, slot).
+
+    Building a wrapper allocates its workspaces and pinned host buffers (about 0.5 ms per
+    call measured on H100), so calls reuse them, as serving engines do. A wrapper is only
+    re-planned on the stream that owns it, after the op's host read of ``cu_seqlens``
+    has synchronised that stream, so a plan never overwrites buffers a pending run reads.
+    """
+
+    def __init__(self) -> None:
+        self._wrappers: dict[tuple, Any] = {}
+
+    def get(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any]) -> Any:
+        stream = torch.cuda.current_stream(device).cuda_stream
+        key = (kind, device.index, stream, slot)
+        if key not in self._wrappers:
+            self._wrappers[key] = build()
+        return self._wrappers[key]
+
+
+WRAPPERS = FlashinferWrappers()
+
+
+def mha_groups(cu: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges of consecutive whole sequences, each group at most ``max_tokens`` long
+    (a longer sequence forms a group of its own), so that the MHA form's decompressed K/V
+    of one group stay within the budget."""
+    groups: list[tuple[int, int]] = []
+    start = cu[0]
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b - start > max_tokens and a > start:
+            groups.append((start, a))
+            start = a
+    if cu[-1] > start or not groups:
+        groups.append((start, cu[-1]))
+    return groups
+
+
+def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, cu_host, max_seqlen,
+                    scale, causal, slot: int = 0):
+    """Plan the MHA form on CUDA; returns ``run()`` (decompress + attention).
+
+    flashinfer ragged prefill (fa3 on SM90 at (192, 128)); trtllm-gen on SM100."""
+    fi = _flashinfer()
+    H, qk_dim, vo_dim = q_nope.shape[1], q_nope.shape[2] + q_pe.shape[2], w_uv.shape[2]
+    dev = q_nope.device
+    major, _ = torch.cuda.get_device_capability(dev)
+
+    def inputs():
+        k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
+        return torch.cat([q_nope, q_pe], dim=-1), k, v
+
+    if major == 10 and hasattr(fi, "prefill") and (qk_dim, vo_dim) in TRTLLM_RAGGED_HEAD_DIMS:
+        return lambda: _mha_trtllm_blackwell(fi, *inputs(), cu_seqlens, max_seqlen, scale, causal)
+    backend = "fa3" if major == 9 and _fa3_head_dims_ok(qk_dim, vo_dim) else "auto"
+    wrapper = WRAPPERS.get(f"ragged-{backend}", dev, slot, lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(
+        _workspace(dev), "NHD", backend=backend))
+    indptr = cu_host.to(torch.int32)
+    wrapper.plan(indptr, indptr, H, H, qk_dim, head_dim_vo=vo_dim, causal=causal, sm_scale=scale,
+                 q_data_type=q_nope.dtype, kv_data_type=ckv.dtype)
+    return lambda: wrapper.run(*inputs())
+
+
+def _mha_trtllm_blackwell(fi, q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    """SM100 path through trtllm-gen (SGLang PR 12788). UNTESTED here (no Blackwell GPU):
+    wired after flashinfer 0.7.2's signature; its cubins are downloaded at first use."""
+    cu = cu_seqlens.to(torch.int32)
+    seq_lens = (cu[1:] - cu[:-1]).contiguous()
+    return fi.prefill.trtllm_ragged_attention_deepseek(
+        q, k, v, _workspace(q.device, zeroed=True), seq_lens, max_seqlen, max_seqlen,
+        scale, 1.0, 1.0, seq_lens.numel(), -1, cu, cu, False, causal, False)
+
+
+#: flashinfer's fa3/fa2 MLA plans hold a bounded number of work items: on H100 a plan of
+#: 16384 tokens x 128 heads succeeded and one of 30038 tokens x 128 heads was refused
+#: ("native capacity is 16384"), so one plan covers at most this many token-heads.
+MLA_PLAN_MAX_TOKEN_HEADS = 16384 * 128
+
+
+def mla_plan_groups(cu: list[int], max_tokens: int) -> list[list[tuple[int, int, int, int]]]:
+    """Split a ragged batch into plans of at most ``max_tokens`` query rows.
+
+    Each piece is ``(q_start, q_end, kv_start, kv_end)``: queries ``[q_start, q_end)`` of a
+    sequence starting at ``kv_start`` attend its keys ``[kv_start, kv_end = q_end)``
+    (causal, aligned bottom-right), so a long sequence may be cut into query chunks.
+    Query rows of one group are contiguous."""
+    groups: list[list[tuple[int, int, int, int]]] = []
+    current: list[tuple[int, int, int, int]] = []
+    room = max_tokens
+    for start, end in zip(cu[:-1], cu[1:]):
+        a = start
+        while a < end:
+            if room == 0:
+                groups.append(current)
+                current, room = [], max_tokens
+            take = min(end - a, room)
+            current.append((a, a + take, start, a + take))
+            room -= take
+            a += take
+    if current:
+        groups.append(current)
+    return groups
+
+
+def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_host, scale, causal):
+    """Plan the dense absorbed form on CUDA (flashinfer MLA, one page per token); returns
+    ``run()`` (W_UK projection + attention over the latent + W_UV projection)."""
+    from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
+
+    H, R = q_nope.shape[1], ckv.shape[1]
+    dev = q_nope.device
+    max_tokens = max(1, MLA_PLAN_MAX_TOKEN_HEADS // H)
+    groups = mla_plan_groups(cu_host.tolist(), max_tokens) if causal else [
+        [(a, b, a, b) for a, b in zip(cu_host.tolist()[:-1], cu_host.tolist()[1:]) if b > a]]
+    if not causal and any(b - a > max_tokens for g in groups for a, b, _, _ in g):
+        raise ValueError(f"max_seqlen: a non-causal sequence longer than {max_tokens} tokens "
+                         f"does not fit one flashinfer MLA plan at {H} heads")
+    plans = []
+    for slot, pieces in enumerate(groups):
+        wrapper = WRAPPERS.get("mla", dev, slot, lambda: BatchMLAPagedAttentionWrapper(_workspace(dev)))
+        q_lens = torch.tensor([0] + [b - a for a, b, _, _ in pieces], dtype=torch.int32).cumsum(0)
+        kv_lens = torch.tensor([e - s for _, _, s, e in pieces], dtype=torch.int32)
+        kv_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), kv_lens.cumsum(0)]).to(torch.int32)
+        kv_indices = torch.cat([torch.arange(s, e, dtype=torch.int32) for _, _, s, e in pieces])
+        wrapper.plan(metadata=MLAPlanMetadata.csr(q_lens.to(torch.int32).to(dev), kv_indptr.to(dev),
+                                                  kv_indices.to(dev), kv_lens.to(dev)),
+                     num_heads=H, head_dim_ckv=R, head_dim_kpe=k_pe.shape[1], page_size=1,
+                     causal=causal, sm_scale=scale, q_data_type=q_nope.dtype,
+                     kv_data_type=ckv.dtype, query_layout="split", kv_cache_layout="split")
+        plans.append((pieces[0][0], pieces[-1][1], wrapper))
+
+    def run():
+        q_lat = _absorb_q(q_nope, w_uk).contiguous()
+        q_rope = q_pe.contiguous()
+        kv = (ckv[:, None, :], k_pe[:, None, :])
+        if len(plans) == 1:
+            a, b, wrapper = plans[0]
+            o_lat = wrapper.run(query=(q_lat[a:b], q_rope[a:b]), kv_cache=kv)
+        else:
+            o_lat = q_lat.new_empty(q_lat.shape)
+            for a, b, wrapper in plans:
+                o_lat[a:b] = wrapper.run(query=(q_lat[a:b], q_rope[a:b]), kv_cache=kv)
+        return _unabsorb_o(o_lat, w_uv)
+
+    return run
+
+
+def _flashinfer_mla_ok(q_nope, ckv, k_pe) -> bool:
+    return (_gpu_backend_ok(q_nope) and ckv.shape[1] in FLASHINFER_MLA_CKV_DIMS
+            and k_pe.shape[1] == FLASHINFER_MLA_KPE_DIM)
+
+
+def _flashinfer_mha_ok(q_nope, q_pe, w_uv) -> bool:
+    if not _gpu_backend_ok(q_nope):
+        return False
+    qk, vo = q_nope.shape[2] + q_pe.shape[2], w_uv.shape[2]
+    major, _ = torch.cuda.get_device_capability(q_nope.device)
+    return _fa3_head_dims_ok(qk, vo) or major != 9  # fa2 JIT-compiles other dims
+
+
+# ------------------------------------------------------------------------- the op
+def mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen, topk_indices,
+                     topk_covers_visible, path="auto") -> str:
+    """The form the op takes for these inputs (``path`` other than "auto" wins)."""
+    if path != "auto":
+        return path
+    return choose_path(
+        num_tokens=q_nope.shape[0], num_heads=q_nope.shape[1], num_seqs=cu_seqlens.shape[0] - 1,
+        qk_nope_dim=q_nope.shape[2],
+        rope_dim=q_pe.shape[2], v_head_dim=w_uv.shape[2], element_size=q_nope.element_size(),
+        max_seqlen=max_seqlen, topk=None if topk_indices is None else topk_indices.shape[1],
+        topk_covers_visible=topk_covers_visible, rule=rule_for(q_nope.device))
+
+
+def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale,
+                 causal, topk_indices):
+    """Plan one form ("mha" or "absorbed") on the best back end for the device; returns a
+    callable that computes the attention (host work such as flashinfer's plan is done)."""
+    cu_host = cu_seqlens.cpu() if q_nope.is_cuda else cu_seqlens
+    if q_nope.is_cuda:
+        _check_seqlens(cu_host.tolist(), q_nope.shape[0], max_seqlen)
+    args = (q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
+    if chosen == "mha":
+        per_token = decompressed_kv_bytes(1, q_nope.shape[1], q_nope.shape[2] + q_pe.shape[2],
+                                          w_uv.shape[2], q_nope.element_size())
+        groups = mha_groups(cu_host.tolist(), max(1, DECOMPRESSED_KV_BUDGET_BYTES // per_token))
+        runs = []
+        for slot, (a, b) in enumerate(groups):
+            g_args = tuple(t[a:b] for t in args[:4]) + args[4:]
+            g_cu = cu_host[(cu_host >= a) & (cu_host <= b)] - a
+            if _flashinfer_mha_ok(q_nope, q_pe, w_uv):
+                g_dev = g_cu.to(q_nope.device) if len(groups) > 1 else cu_seqlens
+                g_max = int((g_cu[1:] - g_cu[:-1]).max())
+                runs.append(prepare_mha_gpu(*g_args, g_dev, g_cu, g_max, scale, causal, slot=slot))
+            else:
+                runs.append(functools.partial(mla_prefill_mha_torch, *g_args, g_cu, scale, causal))
+        if len(runs) == 1:
+            return runs[0]
+        return lambda: torch.cat([run() for run in runs])
+    if topk_indices is not None:
+        return lambda: mla_prefill_absorbed_sparse_torch(*args, topk_indices, scale)
+    if _flashinfer_mla_ok(q_nope, ckv, k_pe):
+        return prepare_absorbed_dense_gpu(*args, cu_host, scale, causal)
+    return lambda: mla_prefill_absorbed_dense_torch(*args, cu_host, scale, causal)
+
+
+@torch.library.custom_op("attnfuse::mla_prefill", mutates_args=())
+def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_pe: torch.Tensor,
+                w_uk: torch.Tensor, w_uv: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, scale: float, causal: bool = True,
+                topk_indices: Optional[torch.Tensor] = None, topk_covers_visible: bool = False,
+                path: str = "auto") -> torch.Tensor:
+    validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal,
+             topk_indices, topk_covers_visible, path)
+    chosen = mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen,
+                              topk_indices, topk_covers_visible, path)
+    out = prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen,
+                       scale, causal, topk_indices)()
+    return out.to(q_nope.dtype).contiguous()
+
+
+@mla_prefill.register_fake
+def _(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal=True,
+      topk_indices=None, topk_covers_visible=False, path="auto"):
+    torch._check(q_nope.dim() == 3 and q_pe.dim() == 3, lambda: "q_nope, q_pe: expected 3-D")
+    torch._check(ckv.dim() == 2 and k_pe.dim() == 2, lambda: "ckv, k_pe: expected 2-D")
+    torch._check(w_uk.dim() == 3 and w_uv.dim() == 3, lambda: "w_uk, w_uv: expected 3-D")
+    T, H, d_nope = q_nope.shape
+    torch._check(q_pe.shape[0] == T and q_pe.shape[1] == H,
+                 lambda: f"q_pe: expected ({T}, {H}, D_rope), got {tuple(q_pe.shape)}")
+    torch._check(ckv.shape[0] == T and k_pe.shape[0] == T,
+                 lambda: f"ckv, k_pe: expected {T} rows, got {ckv.shape[0]}, {k_pe.shape[0]}")
+    torch._check(k_pe.shape[1] == q_pe.shape[2], lambda: "k_pe: expected D_rope columns (q_pe's)")
+    torch._check(w_uk.shape[0] == H and w_uk.shape[1] == d_nope and w_uk.shape[2] == ckv.shape[1],
+                 lambda: f"w_uk: expected ({H}, {d_nope}, {ckv.shape[1]}), got {tuple(w_uk.shape)}")
+    torch._check(w_uv.shape[0] == H and w_uv.shape[1] == ckv.shape[1],
+                 lambda: f"w_uv: expected ({H}, {ckv.shape[1]}, D_v), got {tuple(w_uv.shape)}")
+    torch._check(cu_seqlens.dim() == 1, lambda: "cu_seqlens: expected 1-D")
+    if topk_indices is not None:
+        torch._check(topk_indices.dim() == 2 and topk_indices.shape[0] == T,
+                     lambda: f"topk_indices: expected ({T}, K), got {tuple(topk_indices.shape)}")
+    return q_nope.new_empty(T, H, w_uv.shape[2])
+
+
+__all__ = [
+    "DECOMPRESSED_KV_BUDGET_BYTES",
+    "PrefillRule",
+    "RULES",
+    "choose_path",
+    "decompress_kv",
+    "mha_groups",
+    "mla_plan_groups",
+    "mla_prefill",
+    "mla_prefill_path",
+    "mla_prefill_reference",
+    "prepare_path",
+    "rule_for",
+]

@@ -1,0 +1,208 @@
+"""attnfuse::mla_prefill on CPU: both forms against the float32 definition and each other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnfuse.custom_ops import mla_prefill as mp
+
+H, D_NOPE, D_ROPE, D_V, R = 4, 32, 16, 32, 64
+#: per dtype: (atol, rtol) of an output against the float32 reference
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def make(lens, dtype=torch.float32, topk=None, seed=0, covering=True):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
+
+    w = rnd(H, D_NOPE + D_V, R, s=1 / math.sqrt(R))
+    inp = dict(
+        q_nope=rnd(T, H, D_NOPE), q_pe=rnd(T, H, D_ROPE), ckv=rnd(T, R), k_pe=rnd(T, D_ROPE),
+        w_uk=w[:, :D_NOPE].contiguous(), w_uv=w[:, D_NOPE:].contiguous().transpose(1, 2),
+        cu_seqlens=torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32),
+        max_seqlen=max(lens), scale=1 / math.sqrt(D_NOPE + D_ROPE))
+    inp["topk_indices"] = None if topk is None else top_k(lens, topk, g, covering)
+    return inp
+
+
+def top_k(lens, k, g, covering):
+    """Distinct visible rows per query: all of them when at most k (if ``covering``)."""
+    rows, start = [], 0
+    for L in lens:
+        for p in range(L):
+            visible = torch.arange(start, start + p + 1)
+            n = min(k, p + 1) if covering else min(k, max(1, (p + 1) // 2))
+            pick = visible[torch.randperm(p + 1, generator=g)[:n]]
+            rows.append(torch.cat([pick, torch.full((k - n,), -1)]))
+        start += L
+    return torch.stack(rows).to(torch.int32)
+
+
+def call(inp, path="auto", covers=None, causal=True):
+    covers = inp["topk_indices"] is not None if covers is None else covers
+    return torch.ops.attnfuse.mla_prefill(
+        inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"], inp["w_uv"],
+        inp["cu_seqlens"], inp["max_seqlen"], inp["scale"], causal, inp["topk_indices"], covers, path)
+
+
+def reference(inp, causal=True):
+    return mp.mla_prefill_reference(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"],
+                                    inp["w_uv"], inp["cu_seqlens"], inp["max_seqlen"], inp["scale"],
+                                    causal, inp["topk_indices"]).float()
+
+
+RAGGED = [
+    [7],              # one sequence
+    [5, 1, 9, 3],     # ragged, with a length-1 sequence
+    [1, 1, 1],        # all length 1
+    [4, 4, 4],        # uniform
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens", RAGGED)
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_forms_match_reference_and_each_other(lens, dtype, causal):
+    inp = make(lens, dtype)
+    ref = reference(inp, causal)
+    atol, rtol = TOLERANCES[dtype]
+    outs = {p: call(inp, p, causal=causal).float() for p in ("mha", "absorbed", "auto")}
+    for path, out in outs.items():
+        assert out.shape == (sum(lens), H, D_V) and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"{path}: {m}")
+    torch.testing.assert_close(outs["mha"], outs["absorbed"], atol=2 * atol, rtol=2 * rtol)
+
+
+def test_causal_mask_is_applied():
+    inp = make([6])
+    assert not torch.allclose(call(inp, "mha", causal=True), call(inp, "mha", causal=False))
+    # the first query sees only itself: its output is its own value
+    v0 = torch.einsum("r,hrv->hv", inp["ckv"][0], inp["w_uv"])
+    torch.testing.assert_close(call(inp, "absorbed")[0], v0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", [[5, 1, 9, 3], [8]])
+def test_sparse_covering_both_forms(lens, dtype):
+    # every sequence no longer than k and the indexer lists every visible row: the dense
+    # MHA form is the same attention as the sparse absorbed form
+    inp = make(lens, dtype, topk=12)
+    ref = reference(inp)
+    atol, rtol = TOLERANCES[dtype]
+    for path in ("mha", "absorbed", "auto"):
+        torch.testing.assert_close(call(inp, path).float(), ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ref, reference(make(lens, dtype)), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_subset_takes_absorbed_form():
+    inp = make([9, 1, 6], topk=4, covering=False)
+    ref = reference(inp)
+    assert not torch.allclose(ref, reference(make([9, 1, 6])), atol=1e-3)  # really sparse
+    torch.testing.assert_close(call(inp, "absorbed"), ref, atol=2e-5, rtol=2e-5)
+    assert mp.mla_prefill_path(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uv"],
+                               inp["cu_seqlens"], inp["max_seqlen"], inp["topk_indices"], False) == "absorbed"
+    torch.testing.assert_close(call(inp, "auto", covers=False), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_sparse_empty_row_gives_zeros():
+    inp = make([3], topk=2)
+    inp["topk_indices"][1] = -1
+    out = call(inp, "absorbed", covers=False)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, reference(inp).to(out.dtype), atol=2e-5, rtol=2e-5)
+
+
+def test_rule():
+    rule = mp.RULES["sm90"]
+    base = dict(qk_nope_dim=128, rope_dim=64, v_head_dim=128, element_size=2, rule=rule)
+    # dense: MHA at every length and head count measured
+    for heads, length in ((16, 128), (16, 16384), (128, 128), (128, 16384)):
+        assert mp.choose_path(num_tokens=length, num_heads=heads, num_seqs=1, max_seqlen=length,
+                              topk=None, topk_covers_visible=False, **base) == "mha"
+    # the memory budget: a batch is decompressed in groups, one 32k-token sequence at
+    # 128 heads does not fit
+    assert mp.choose_path(num_tokens=30038, num_heads=128, num_seqs=4, max_seqlen=16384, topk=None,
+                          topk_covers_visible=False, **base) == "mha"
+    assert mp.choose_path(num_tokens=32768, num_heads=128, num_seqs=1, max_seqlen=32768, topk=None,
+                          topk_covers_visible=False, **base) == "absorbed"
+    assert mp.decompressed_kv_bytes(32768, 128, 192, 128, 2) > mp.DECOMPRESSED_KV_BUDGET_BYTES
+    # a rule may send short launch-bound calls to the absorbed form
+    short = mp.PrefillRule("test", short_absorbed=((16, 1, 512),))
+    assert mp.choose_path(num_tokens=256, num_heads=16, num_seqs=1, max_seqlen=256, topk=None,
+                          topk_covers_visible=False, **{**base, "rule": short}) == "absorbed"
+    # sparse: MHA only up to k, and only with the indexer's promise
+    sparse = dict(num_tokens=4096, num_heads=128, num_seqs=2, topk=2048, **base)
+    assert mp.choose_path(max_seqlen=2048, topk_covers_visible=True, **sparse) == "mha"
+    assert mp.choose_path(max_seqlen=2049, topk_covers_visible=True, **sparse) == "absorbed"
+    assert mp.choose_path(max_seqlen=2048, topk_covers_visible=False, **sparse) == "absorbed"
+
+
+def test_mha_form_in_budget_groups(monkeypatch):
+    inp = make([5, 1, 9, 3, 2])
+    ref = reference(inp)
+    per_token = mp.decompressed_kv_bytes(1, H, D_NOPE + D_ROPE, D_V, 4)
+    monkeypatch.setattr(mp, "DECOMPRESSED_KV_BUDGET_BYTES", 6 * per_token)
+    assert mp.mha_groups(inp["cu_seqlens"].tolist(), 6) == [(0, 6), (6, 15), (15, 20)]
+    torch.testing.assert_close(call(inp, "mha"), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_mla_plan_groups_cover_every_query_once():
+    cu = [0, 5, 6, 20]
+    groups = mp.mla_plan_groups(cu, 4)
+    rows = [r for g in groups for a, b, _, _ in g for r in range(a, b)]
+    assert rows == list(range(20))
+    assert all(sum(b - a for a, b, _, _ in g) <= 4 for g in groups)
+    for g in groups:
+        for a, b, s, e in g:
+            assert e == b and s in cu and s <= a  # keys: the sequence's prefix up to the chunk end
+
+
+def test_opcheck():
+    for inp in (make([5, 1, 3]), make([4, 2], topk=3)):
+        args = (inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"], inp["w_uv"],
+                inp["cu_seqlens"], inp["max_seqlen"], inp["scale"], True, inp["topk_indices"], False, "auto")
+        torch.library.opcheck(torch.ops.attnfuse.mla_prefill.default, args)
+
+
+def _bad(**changes):
+    inp = make([3, 2])
+    inp.update(changes)
+    return inp
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(q_nope=torch.randn(5, H)), "q_nope: expected a 3-D"),
+    (dict(q_pe=torch.randn(5, H + 1, D_ROPE)), "q_pe: expected shape"),
+    (dict(ckv=torch.randn(4, R)), "ckv: expected 5 rows"),
+    (dict(k_pe=torch.randn(5, D_ROPE + 2)), "k_pe: expected shape"),
+    (dict(w_uk=torch.randn(H, D_NOPE, R + 1)), "w_uk: expected shape"),
+    (dict(w_uv=torch.randn(H + 1, R, D_V)), "w_uv: expected shape"),
+    (dict(ckv=torch.randn(5, R, dtype=torch.float64)), "ckv: expected float16/bfloat16/float32"),
+    (dict(k_pe=torch.randn(5, D_ROPE, dtype=torch.float16)), "k_pe: expected dtype torch.float32"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.float32)), "cu_seqlens: expected a 1-D int"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), "cu_seqlens: expected to start at 0 and end at 5"),
+    (dict(max_seqlen=2), "max_seqlen: expected >= the longest sequence 3"),
+    (dict(max_seqlen=0), "max_seqlen: expected a positive int"),
+    (dict(scale=float("nan")), "scale: expected a finite positive"),
+    (dict(topk_indices=torch.zeros(4, 2, dtype=torch.int32)), "topk_indices: expected a \\(5, K >= 1\\)"),
+    (dict(topk_indices=torch.zeros(5, 2)), "topk_indices: expected a \\(5, K >= 1\\) int32/int64"),
+])
+def test_bad_input_raises_value_error(changes, match):
+    with pytest.raises(ValueError, match=match):
+        call(_bad(**changes), covers=False)
+
+
+def test_bad_path_raises_value_error():
+    with pytest.raises(ValueError, match="path: expected one of"):
+        call(make([3]), "fastest")
+    sparse = make([3], topk=2, covering=False)
+    with pytest.raises(ValueError, match="needs topk_covers_visible=True"):
+        call(sparse, "mha", covers=False)
+    with pytest.raises(ValueError, match="needs max_seqlen <= K = 2"):
+        call(sparse, "mha", covers=True)
