@@ -112,10 +112,11 @@ def _op_histogram(text: str) -> dict[str, int]:
     for line in text.splitlines():
         if " = " not in line:
             continue
-        callee = line.split(" = ", 1)[1].split("(", 1)[0]
-        if callee.startswith("auto_functionalized") and "(" in line:
+        rhs = line.split(" = ", 1)[1]
+        callee = rhs.split("(", 1)[0]
+        if callee.startswith("auto_functionalized") and "(" in rhs:
             # count the wrapped op, which is what changed
-            inner = line.split("(", 1)[1].split(",", 1)[0]
+            inner = rhs.split("(", 1)[1].split(",", 1)[0]
             callee = f"{callee}({inner})"
         hist[callee] = hist.get(callee, 0) + 1
     return hist

@@ -1,0 +1,138 @@
+"""``rope_kv_write`` on whole models: tiny HF decoders with transformers' StaticCache
+(Llama, Qwen3 with qk-norm, Mistral) and the paged-KV serving model. Graph-diff
+expecttests pin what each rewrite removes and adds; numerics match the eager model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnfuse.passes.testing import graph_diff
+
+FUSION = ["rope_kv_write"]
+
+
+def op_delta(d) -> str:
+    """Rewrite count, then ops removed and added (by callee, the custom op named)."""
+
+    def hist(text: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            if " = " not in line:
+                continue
+            rhs = line.split(" = ", 1)[1]
+            callee = rhs.split("(", 1)[0]
+            if callee.startswith("auto_functionalized"):
+                callee += "(" + rhs.split("(", 1)[1].split(",", 1)[0] + ")"
+            out[callee] = out.get(callee, 0) + 1
+        return out
+
+    before, after = hist(d.before), hist(d.after)
+    lines = [f"rope_kv_write: {d.counts.get('rope_kv_write', 0)}"]
+    lines += [f"- {op} x{before[op] - after.get(op, 0)}" for op in sorted(before)
+              if before[op] > after.get(op, 0)]
+    lines += [f"+ {op} x{after[op] - before.get(op, 0)}" for op in sorted(after)
+              if after[op] > before.get(op, 0)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ HF StaticCache
+def _hf_decode(family: str):
+    """(model, cache, prefill ids, decode ids) with the cache's buffers allocated."""
+    from attnfuse.examples.hf_models import build_hf_model, make_static_cache, prompt_ids
+
+    model, config = build_hf_model(family)
+    cache = make_static_cache(model, batch_size=1, max_cache_len=16)
+    ids = prompt_ids(config, batch_size=1, prompt_len=5)
+    return model, cache, ids, ids[:, -1:]
+
+
+def _step(fn, cache, ids):
+    with torch.no_grad():
+        out = fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits
+
+
+def _cache_state(cache):
+    return [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _hf_check(family: str):
+    model, cache, prompt, token = _hf_decode(family)
+    cache.reset()
+    _step(model, cache, prompt)
+    expected = _step(model, cache, token)
+    expected_cache = _cache_state(cache)
+    cache.reset()
+    _step(model, cache, prompt)
+    with torch.no_grad():
+        d = graph_diff(model, input_ids=token, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, fusions=FUSION, backend="eager")
+    torch.testing.assert_close(d.outputs.logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_cache_state(cache), expected_cache, atol=1e-5, rtol=1e-5)
+    return d
+
+
+def test_hf_llama_static_cache_decode(graph_diff):
+    d = _hf_check("llama")
+    d.assert_fired(rope_kv_write=2)  # one per layer
+    assert all("static, neox, rotary_dim=32" in s.detail for s in d.report.sites)
+    d.assertExpectedInline(op_delta(d), """\
+rope_kv_write: 2
+- aten.add.Tensor x4
+- aten.cat x4
+- aten.index_put x4
+- aten.mul.Tensor x8
+- aten.neg x4
+- aten.slice.Tensor x8
++ aten.permute x8
++ aten.select.int x4
++ auto_functionalized(attnfuse.rope_write_kv) x2
++ getitem x6""")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_hf_family_static_cache_decode(family):
+    d = _hf_check(family)
+    d.assert_fired(rope_kv_write=2)
+    assert "aten.index_put" not in d.after
+
+
+# ------------------------------------------------------------------ paged serving model
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+def test_serving_paged_decode_and_prefill(neox, graph_diff):
+    from attnfuse.examples.serving_gqa import ServingGQAConfig, ServingGQAModel, example_inputs
+
+    model = ServingGQAModel(ServingGQAConfig(num_layers=2, is_neox_style=neox))
+    prefill, decode = example_inputs(model)
+    deltas = []
+    for args in (prefill, decode):
+        model.reset_cache()
+        with torch.no_grad():
+            expected = model(*args)
+        expected_caches = [t.clone() for l in model.layers for t in (l.self_attn.k_cache, l.self_attn.v_cache)]
+        model.reset_cache()
+        with torch.no_grad():
+            d = graph_diff(model, *args, fusions=FUSION, backend="eager")
+        d.assert_fired(rope_kv_write=2)
+        torch.testing.assert_close(d.outputs, expected, atol=1e-5, rtol=1e-5)
+        got = [t for l in model.layers for t in (l.self_attn.k_cache, l.self_attn.v_cache)]
+        torch.testing.assert_close(got, expected_caches, atol=1e-5, rtol=1e-5)
+        deltas.append(op_delta(d))
+        # prefill attends to the rotated k itself: the op returns it there, and only there
+        assert ("return_k=True" in d.after) == (args is prefill)
+    if neox:  # decode
+        d.assertExpectedInline(deltas[1], """\
+rope_kv_write: 2
+- aten.add.Tensor x2
+- aten.cat x4
+- aten.index_put x4
+- aten.mul.Tensor x16
+- aten.reshape x8
+- aten.split.Tensor x4
+- aten.sub.Tensor x4
+- getitem x2
++ aten.lt.Scalar x2
++ aten.select.int x4
++ aten.where.self x2
++ auto_functionalized(attnfuse.rope_write_kv) x2""")
