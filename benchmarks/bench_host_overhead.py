@@ -1,0 +1,128 @@
+"""Host (CPU-side) cost of one call of each attnfuse op, and where a compiled decode step spends it.
+
+Decode without CUDA graphs is launch-bound at small batch: what counts there is the
+time the host needs to issue a call, not the kernel. This measures, with no
+synchronization inside the timed loop (GPU work queues up asynchronously):
+
+* each op through ``torch.ops.attnfuse`` (dispatch, validation, launch) and through its
+  Triton launcher directly, at Llama-3-8B decode shapes (B=1, 32 q / 8 kv heads,
+  head_dim 128, bf16, static cache of ``CTX``);
+* baselines: an SDPA call and one elementwise op;
+* a torch.profiler table of one compiled decode step of the HF model (``attnfuse``
+  backend, no CUDA graphs): the ops with the largest self CPU time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from common import write_results  # noqa: E402
+
+CTX = 4096
+CALLS = 200
+HQ, HKV, D = 32, 8, 128
+
+
+def host_us(fn) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def main() -> None:
+    from attnfuse.custom_ops import grouped_decode as gd
+    from attnfuse.custom_ops import rope_write_kv as rw
+    from attnfuse.custom_ops.kernels.grouped_decode import grouped_decode_kernel
+
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(1, HQ, D, device=dev, dtype=dt)
+    kc = torch.randn(1, HKV, CTX, D, device=dev, dtype=dt)
+    vc = torch.randn(1, HKV, CTX, D, device=dev, dtype=dt)
+    mask = torch.ones(1, CTX, device=dev, dtype=torch.bool)
+    args = (q, kc, vc, None, None, mask, D ** -0.5, 0.0, -1, None, None, -1)
+    qs = torch.randn(1, 1, HQ, D, device=dev, dtype=dt)
+    ks = torch.randn(1, 1, HKV, D, device=dev, dtype=dt)
+    vs = torch.randn(1, 1, HKV, D, device=dev, dtype=dt)
+    cos = torch.randn(1, 1, D, device=dev, dtype=dt)
+    sin = torch.randn(1, 1, D, device=dev, dtype=dt)
+    idx = torch.tensor([CTX - 1], device=dev)
+    rope_args = (qs, ks, vs, cos, sin, None, kc, vc, idx, "static", D, "neox", None, None, False)
+    q4, k4 = q[:, :, None], kc.repeat_interleave(HQ // HKV, 1)
+    x = torch.randn(1024, device=dev)
+    rows = []
+    cases = {
+        "grouped_decode op": lambda: torch.ops.attnfuse.grouped_decode(*args),
+        "grouped_decode validate only": lambda: gd.validate(*args),
+        "grouped_decode launcher": lambda: grouped_decode_kernel(q, kc, vc, mask=mask, scale=D ** -0.5),
+        "rope_write_kv op": lambda: torch.ops.attnfuse.rope_write_kv(*rope_args),
+        "rope_write_kv launcher": lambda: rw.kernel(*rope_args),
+        "baseline: SDPA (MHA over repeated K/V)": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q4, k4, k4),
+        "baseline: one add": lambda: x.add(1),
+    }
+    for name, fn in cases.items():
+        try:
+            us = host_us(fn)
+        except Exception as exc:
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}")
+            continue
+        rows.append(dict(call=name, host_us=us))
+        print(f"{name:45s} {us:8.1f} us host", flush=True)
+
+    from hf_models import build_from_config, make_static_cache, tiny_config
+
+    import attnfuse  # noqa: F401
+
+    cfg = tiny_config("llama", num_hidden_layers=2, hidden_size=4096, intermediate_size=14336,
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, vocab_size=32000)
+    model = build_from_config(cfg, dtype=dt, device=dev)
+    cache = make_static_cache(model, batch_size=1, max_cache_len=CTX)
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(CTX // 2)
+    fwd = torch.compile(model.forward, backend="attnfuse")
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+    def step(i: int):
+        pos = torch.full((1, 1), CTX // 2 + i, device=dev, dtype=torch.long)
+        return fwd(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    with torch.no_grad():
+        for i in range(5):
+            step(i)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(20):
+            step(5 + i)
+        host_ms = (time.perf_counter() - t0) * 1e3 / 20
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / 20
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for i in range(5):
+                step(30 + i)
+            torch.cuda.synchronize()
+    print(f"compiled 2-layer decode step: host {host_ms:.2f} ms issue, {wall_ms:.2f} ms wall per step")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    rows.append(dict(call="compiled 2-layer HF decode step (issue time)", host_us=host_ms * 1e3))
+    rows.append(dict(call="compiled 2-layer HF decode step (wall)", host_us=wall_ms * 1e3))
+    write_results("host_overhead", rows, ["call", "host_us"],
+                  title="Host time per call (no CUDA graphs)",
+                  notes=f"Median of {CALLS} calls, no synchronization inside the loop; decode shapes "
+                        f"B=1, {HQ} q / {HKV} kv heads, head_dim {D}, bf16, static cache {CTX}.")
+
+
+if __name__ == "__main__":
+    main()
