@@ -53,31 +53,13 @@ Example
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._dispatch import FLOAT_DTYPES, INDEX_DTYPES, kernel_on_cpu, use_kernel  # noqa: F401
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-#: when set, CPU calls run the Triton kernel (under TRITON_INTERPRET=1) instead of the
-#: plain-torch reference; tests use it through ``kernel_on_cpu()``
-_KERNEL_ON_CPU = contextvars.ContextVar("attnfuse_grouped_decode_kernel_on_cpu", default=False)
-
-
-@contextlib.contextmanager
-def kernel_on_cpu() -> Iterator[None]:
-    """Run the Triton kernel (interpreted) for CPU tensors inside this block."""
-    token = _KERNEL_ON_CPU.set(True)
-    try:
-        yield
-    finally:
-        _KERNEL_ON_CPU.reset(token)
-
 
 # ------------------------------------------------------------------ validation
 def _describe(t: torch.Tensor | None) -> str:
@@ -251,7 +233,7 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
       (about 1.4x). Those are the shapes an engine that plans once per step outside the
       graph should route to ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
-    if q.device.type == "cuda" or (q.device.type == "cpu" and _KERNEL_ON_CPU.get()):
+    if use_kernel(q.device):
         return "triton"
     return "reference"
 

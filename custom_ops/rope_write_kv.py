@@ -65,35 +65,18 @@ Example
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ._dispatch import FLOAT_DTYPES, INDEX_DTYPES, kernel_on_cpu, use_kernel  # noqa: F401
+
 CACHE_LAYOUTS = ("static", "flat", "paged_nhd", "paged_hnd")
 ROPE_STYLES = ("neox", "interleaved")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: largest finite value of each fp8 cache format (the saturating cast clamps to it)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 CACHE_DTYPES = FLOAT_DTYPES + tuple(FP8_MAX)
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-#: when set, CPU calls run the Triton kernel (under TRITON_INTERPRET=1) instead of the
-#: plain-torch reference; tests use it through ``kernel_on_cpu()``
-_KERNEL_ON_CPU = contextvars.ContextVar("attnfuse_rope_write_kv_kernel_on_cpu", default=False)
-
-
-@contextlib.contextmanager
-def kernel_on_cpu() -> Iterator[None]:
-    """Run the Triton kernel (interpreted) for CPU tensors inside this block."""
-    token = _KERNEL_ON_CPU.set(True)
-    try:
-        yield
-    finally:
-        _KERNEL_ON_CPU.reset(token)
-
 
 # ------------------------------------------------------------------ validation
 def _fail(arg: str, value: object, expected: str) -> None:
@@ -363,7 +346,7 @@ def rope_write_kv(
              rotary_dim, style, k_scale, v_scale)
     args = (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
             rotary_dim, style, k_scale, v_scale, return_k)
-    if q.device.type == "cuda" or (q.device.type == "cpu" and _KERNEL_ON_CPU.get()):
+    if use_kernel(q.device):
         return _kernel(*args)
     return _reference(*args)
 
