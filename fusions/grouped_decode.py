@@ -236,6 +236,10 @@ def _softmax_input(probs: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """``x`` of ``softmax(x, -1)`` written as amax/sub/exp/sum/div (or ``_softmax``),
     plus the softmax's internal nodes (checked for outside users)."""
     node = _skip(probs, _CONVERTS)
+    if _is(node, aten.where.self):
+        # SDPA's math path (qk and v head dims differ, as in MLA) decomposes
+        # _safe_softmax into where(row fully masked, 0, softmax): not carried yet
+        raise _Refuse("softmax inside a fully-masked-row guard (SDPA math path's _safe_softmax)")
     if _is(node, aten._softmax.default, aten._safe_softmax.default):
         if node.args[1] not in (-1, len(_shape(node)) - 1):
             raise _Refuse("softmax over a dim other than the last")
@@ -570,6 +574,8 @@ class GroupedDecodeFusion(Fusion):
         """Cheap filter: the first operand comes from a softmax (so the projections' and
         the score bmms are not reported as near misses)."""
         probs = _skip(_skip(bmm.args[0], _PROBS_VIEWS), _CONVERTS)
+        if _is(probs, aten.where.self):  # _safe_softmax's guard: a candidate, reported
+            probs = _skip(probs.args[2], _CONVERTS)
         return _is(probs, aten.div.Tensor, aten._softmax.default, aten._safe_softmax.default) \
             and (not _is(probs, aten.div.Tensor) or _is(probs.args[0], aten.exp.default))
 
