@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import traceback
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
