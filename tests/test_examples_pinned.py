@@ -4,7 +4,7 @@ Each model is built with one layer and one decode (or prefill) step is compiled 
 eager backend; ``d.summary()`` lists the rewrite counts and the ops that vanished and
 appeared. A change in what the passes do to these models shows up here as a diff
 (``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_examples_pinned.py`` re-pins it).
-HF Llama and the paged serving model are pinned beside their other tests.
+The paged serving model is pinned beside its other tests.
 """
 
 from __future__ import annotations
@@ -28,6 +28,32 @@ def _hf_decode_layer_diff(family: str):
             "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
     with torch.no_grad():
         return graph_diff(model, **step, backend="eager")
+
+
+def test_llama_decode_layer_rewrite_is_pinned():
+    d = _hf_decode_layer_diff("llama")
+    d.assert_fired(rope_kv_write=1, grouped_decode=1)
+    d.assertExpectedInline(d.summary(), """\
+rope_kv_write: 1
+grouped_decode: 1
+mla_short_prefill: 0
+workspace_overlap: 0
+- aten._scaled_dot_product_flash_attention_for_cpu x1
+- aten.add.Tensor x2
+- aten.cat x2
+- aten.clone x2
+- aten.expand x2
+- aten.index_put x2
+- aten.mul.Tensor x4
+- aten.neg x2
+- aten.slice.Tensor x4
+- aten.unsqueeze x2
++ aten.permute x4
++ aten.select.int x2
++ aten.squeeze.dim x1
++ attnfuse.grouped_decode x1
++ auto_functionalized(attnfuse.rope_write_kv) x1
++ getitem x3""")
 
 
 def test_qwen3_decode_layer_rewrite_is_pinned():
