@@ -15,29 +15,51 @@ Forms matched (post-grad ATen, query length 1 known statically)
 
 2. **SDPA with fewer KV heads** (``enable_gqa=True``; the CPU flash op takes them
    directly): same rewrite without the repeat.
-3. **matmul-softmax-matmul** (HF ``eager`` attention, A3): ``bmm(q, repeat_kv(k)^T)``,
-   ``* scale`` (or ``/``), optional softcap ``tanh(x / c) * c``, optional ``+ mask``, fp32
-   softmax decomposed into ``amax/sub/exp/sum/div`` (or ``_softmax``), ``bmm(p,
-   repeat_kv(v))``.
-4. **MLA absorbed decode** over one latent cache ``C (B, S, Dk)`` (or ``(B, 1, S, Dk)``):
+3. **One KV row broadcast to every head** (MQA, and MLA decode written with SDPA as
+   serving code does): ``expand(unsqueeze(x (B, S, D), 1), [B, Hq, S, D])`` (a clone
+   may follow) in place of the repeat, in any of the SDPA or matmul forms. The op reads
+   ``x`` as ``(B, 1, S, D)``. Where V is the leading ``Dv`` features of K's own rows
+   (``K = cat([x, k_rope], -1)`` with ``V = x``, the gather read twice, or ``V =
+   K[..., :Dv]``), the op's shared-latent mode reads the cache once.
+4. **matmul-softmax-matmul** (HF ``eager`` attention, A3): ``bmm(q, repeat_kv(k)^T)``,
+   ``* scale`` (or ``/``), optional softcap ``tanh(x / c) * c``, then the mask: ``+ mask``
+   (additive), or ``-inf`` written over masked logits (``masked_fill(~keep, -inf)``,
+   ``where(keep, x, -inf)``: the bool mask goes to the op, negated where the graph holds
+   the positions to drop), fp32 softmax decomposed into ``amax/sub/exp/sum/div`` (or
+   ``_softmax``), ``bmm(p, repeat_kv(v))``. Converts around K and V (fp32 math on 16-bit
+   caches) are allowed: exact upcasts are left to the op, others are applied to the
+   (unrepeated) cache.
+5. **SDPA's math path, decomposed** (CPU SDPA when K and V head dims differ, as in MLA
+   decode through SDPA; any backend without a fused kernel): form 4 with the scale split
+   as ``sqrt(s)`` on q and on ``k^T`` and the softmax inside ``_safe_softmax``'s guard
+   ``where(all(x == -inf, -1), 0, softmax(x))``. The guard is exactly the op's semantics:
+   a row with a finite logit passes the softmax through, a row with every logit -inf is
+   0, which is what the op writes for a row with no visible key (output 0, LSE -inf; the
+   kernel's invariant, ``tests/test_grouped_decode_kernel.py``, and the reference's).
+6. **MLA absorbed decode** over one latent cache ``C (B, S, Dk)`` (or ``(B, 1, S, Dk)``):
    scores ``bmm(q (B, H, Dk), C^T)`` — or the sum of the nope/rope parts
-   ``bmm(q[..., :Dv], C[..., :Dv]^T) + bmm(q_pe, C[..., Dv:]^T)`` — softmax as in 3, and
+   ``bmm(q[..., :Dv], C[..., :Dv]^T) + bmm(q_pe, C[..., Dv:]^T)`` — softmax as in 4, and
    ``bmm(p, C[..., :Dv])``. V is the first ``Dv`` features of the latent row: the op's
    shared-latent mode (no second read of the cache).
 
 Where the cache tensor comes from does not matter (a placeholder, ``index_put``, or the
 getitem of ``rope_kv_write``'s ``auto_functionalized`` op): the match starts at the
-attention and walks back only through the repeat.
+attention and walks back only through the repeat. The replaced attention's nodes are
+erased with the rewrite, so fusions that run later do not see (and report) them.
 
 Refusals (left alone, recorded as near misses)
 ----------------------------------------------
 * query length > 1 (prefill) or not static;
-* no KV head sharing (``Hq == Hkv``, MHA): the unfused kernel already reads each KV
-  head once, so the rewrite would gain nothing but a kernel change;
+* no KV head sharing (``Hq == Hkv``, MHA: HF's DeepSeek-V3, which attends over K/V
+  decompressed per head): the unfused kernel already reads each KV head once, so the
+  rewrite would gain nothing but a kernel change;
 * a mask that varies per query head, or whose shape is not ``(B|1, 1, 1, S)`` after
-  broadcasting; ``is_causal`` with one query (top-left causal: position 0 only);
-  dropout; SDPA outputs besides the attention output in use (backward);
-* softmax results (attention weights) used elsewhere;
+  broadcasting; two masks on the logits; masked logits filled with a finite value
+  (``finfo.min``: a fully masked row then averages every position, the op writes 0);
+  ``is_causal`` with one query (top-left causal: position 0 only); dropout; SDPA
+  outputs besides the attention output in use (backward);
+* softmax results (attention weights) used elsewhere; a guard around the softmax that
+  is not the fully-masked-row guard of the same logits;
 * dtypes the op does not take.
 
 Origin: vLLM PR 19774 (split grouped stage 1 for occupancy), made automatic.
@@ -45,13 +67,14 @@ Origin: vLLM PR 19774 (split grouped stage 1 for occupancy), made automatic.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..custom_ops import grouped_decode as _grouped_decode_op  # noqa: F401  (registers the op)
 from .base import Fusion, SiteRecorder, fake_value, sdpa_ops
@@ -68,6 +91,21 @@ _CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
 _PROBS_VIEWS = _RESHAPES + (aten.expand.default, aten.unsqueeze.default)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MASK_ARG_NAMES = ("attn_mask", "attn_bias")
+#: conversions that change no value (a 16-bit float widened to fp32): the op reads the
+#: narrower tensor and widens it itself, exactly
+_EXACT_UPCASTS = frozenset({(torch.float16, torch.float32), (torch.bfloat16, torch.float32)})
+#: multiplications / divisions by a Python scalar (the logit scale; SDPA's math path
+#: splits it as sqrt(scale) on q and on k^T)
+_SCALE_MULS = (aten.mul.Tensor, aten.mul.Scalar)
+_SCALE_DIVS = (aten.div.Tensor, aten.div.Scalar)
+#: pure ops that, given the same inputs, give the same tensor: two such nodes with equal
+#: arguments are one value read twice (the functional graph is not CSE'd before our pass)
+_REREADS = _RESHAPES + _CONVERTS + (aten.index.Tensor, aten.slice.Tensor, aten.select.int,
+                                    aten.permute.default, aten.unsqueeze.default,
+                                    aten.clone.default)
+#: ``full``-like constants a mask or a guard writes
+_FULLS = (aten.full.default, aten.full_like.default)
+_NOTS = (aten.bitwise_not.default, aten.logical_not.default)
 
 
 class _Refuse(Exception):
@@ -119,6 +157,56 @@ def _scalar(arg: Any) -> float | None:
     return None
 
 
+def _op_name(node: Any) -> str:
+    if isinstance(node, fx.Node) and node.op == "call_function":
+        return str(node.target) if isinstance(node.target, torch._ops.OpOverload) \
+            else getattr(node.target, "__name__", str(node.target))
+    return getattr(node, "op", type(node).__name__)
+
+
+def _dtype(node: Any) -> torch.dtype | None:
+    val = fake_value(node)
+    return val.dtype if isinstance(val, torch.Tensor) else None
+
+
+def _skip_exact_upcasts(node: Any) -> Any:
+    while _is(node, *_CONVERTS) and (_dtype(node.args[0]), _dtype(node)) in _EXACT_UPCASTS:
+        node = node.args[0]
+    return node
+
+
+def _peel_scale(node: Any) -> tuple[Any, float]:
+    """``(x, c)`` for ``x * c`` (or ``x / (1 / c)``) with Python scalars, nested."""
+    factor = 1.0
+    while True:
+        if _is(node, *_SCALE_MULS) and _scalar(node.args[1]) is not None:
+            factor *= _scalar(node.args[1])
+        elif _is(node, *_SCALE_DIVS) and _scalar(node.args[1]) not in (None, 0.0):
+            factor /= _scalar(node.args[1])
+        else:
+            return node, factor
+        node = node.args[0]
+
+
+def _constant_fill(arg: Any) -> float | None:
+    """The value of a Python scalar or of a ``full``/``zeros`` node, else None."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    if _is(arg, *_FULLS):
+        return _scalar(arg.args[1])
+    if _is(arg, aten.zeros.default, aten.zeros_like.default):
+        return 0.0
+    return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are one tensor: the same node, or one pure op on the same inputs."""
+    if a is b:
+        return True
+    return (_is(a, *_REREADS) and _is(b, a.target) and a.args == b.args
+            and a.kwargs == b.kwargs)
+
+
 def _strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     """``(cache, n_rep)`` of a repeat_kv chain, or ``(node, 1)`` when there is none."""
     if not _is(node, *_RESHAPES):
@@ -138,6 +226,61 @@ def _strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
         raise _Refuse(f"repeat_kv-like chain with unexpected shapes "
                       f"{_shape(src)} -> {_shape(node)}")
     return src, n_rep
+
+
+class _KV:
+    """What one K or V operand ``(B, Hq, S, D)`` of the attention reads.
+
+    ``node`` holds the values; the op reads it as ``shape`` ``(B, Hkv, S, D)`` (a reshape is
+    emitted where ``node`` has another shape) converted to ``dtype`` (the dtype the
+    attention computed with; exact upcasts are left to the op); each of its heads serves
+    ``n_rep`` query heads.
+    """
+
+    def __init__(self, node: fx.Node, shape: tuple[int, ...], n_rep: int,
+                 dtype: torch.dtype | None) -> None:
+        self.node, self.shape, self.n_rep, self.dtype = node, shape, n_rep, dtype
+
+
+def _kv_source(node: fx.Node, what: str) -> _KV:
+    """Walks back from a K or V operand through converts and one head repeat: HF's
+    ``repeat_kv`` (``_strip_repeat_kv``), or one KV row broadcast to every head
+    (``expand(unsqueeze(x, 1))``, with or without a clone: MQA, MLA decode through SDPA)."""
+    used = _dtype(node)
+    inner = _skip(node, _CONVERTS)
+    src, n_rep = _strip_repeat_kv(inner)
+    if n_rep > 1:
+        return _KV(src, _shape(src), n_rep, used)
+    shape = _static(_shape(inner), what)
+    base, dims = _view_dims(_skip(inner, (aten.clone.default,)))
+    if len(shape) == 4 and len(dims) == 4 and dims[1] is None and shape[1] > 1:
+        kept = [(size, d) for size, d in zip((shape[0], shape[2], shape[3]),
+                                             (dims[0], dims[2], dims[3]))]
+        real = [d for _, d in kept if d is not None]
+        base_shape = _shape(base)
+        if (all(d is not None or size == 1 for size, d in kept) and real == sorted(set(real))
+                and all(size == 1 for i, size in enumerate(base_shape) if i not in real)):
+            # the base's non-1 dims are (batch, position, feature) in order: reshaping it
+            # to (B, 1, S, D) is a view, and every head reads that one row
+            return _KV(base, (shape[0], 1, shape[2], shape[3]), shape[1], used)
+    return _KV(inner, shape, 1, used)
+
+
+def _latent_prefix(k: _KV, v: _KV) -> bool:
+    """V is the leading features of K's own rows (``K = cat([V, k_rope], -1)`` or ``V =
+    K[..., :Dv]``): the op's shared-latent mode then reads the cache once."""
+    if k.dtype != v.dtype or _dtype(k.node) != _dtype(v.node) or k.shape[:3] != v.shape[:3]:
+        return False
+    k_shape, v_shape = _shape(k.node), _shape(v.node)
+    if k_shape[-1] != k.shape[-1] or v_shape[-1] != v.shape[-1] or \
+            k_shape[:-1] != v_shape[:-1] or v.shape[-1] >= k.shape[-1]:
+        return False
+    if _is(k.node, aten.cat.default):
+        parts = k.node.args[0]
+        dim = k.node.args[1] if len(k.node.args) > 1 else k.node.kwargs.get("dim", 0)
+        return dim % len(k_shape) == len(k_shape) - 1 and _same_value(parts[0], v.node)
+    src, lo, hi = _latent(v.node)
+    return src is k.node and lo == 0 and hi == v.shape[-1]
 
 
 def _emit(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
@@ -165,13 +308,26 @@ class _Site:
         self.q_has_len_dim = True
         self.k: fx.Node | None = None         # (B, Hkv, S, Dk)
         self.v: fx.Node | None = None         # (B, Hkv, S, Dv) or None (shared latent)
+        self.k_shape: tuple[int, ...] | None = None   # read as (a reshape when it differs)
+        self.v_shape: tuple[int, ...] | None = None
+        self.k_dtype: torch.dtype | None = None       # computed in (a convert when needed)
+        self.v_dtype: torch.dtype | None = None
         self.v_head_dim = -1
         self.mask: fx.Node | None = None
         self.mask_rank = 4                    # rank of the logits the mask broadcasts to
+        self.mask_invert = False              # bool mask marks masked positions (True = drop)
         self.scale = 1.0
         self.softcap = 0.0
         self.q_parts: tuple[fx.Node, ...] | None = None  # MLA query parts (nope, rope)
         self.detail = ""
+
+
+def _set_kv(site: _Site, k: _KV, v: _KV) -> None:
+    site.k, site.k_shape, site.k_dtype = k.node, k.shape, k.dtype
+    if _latent_prefix(k, v):
+        site.v, site.v_head_dim = None, v.shape[-1]
+    else:
+        site.v, site.v_shape, site.v_dtype = v.node, v.shape, v.dtype
 
 
 def _decode_q(q: fx.Node) -> tuple[int, int, int]:
@@ -234,12 +390,58 @@ def _carry_mask(mask: Any, batch: int, hq: int, s: int, rank: int = 4) -> fx.Nod
 
 def _softmax_input(probs: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """``x`` of ``softmax(x, -1)`` written as amax/sub/exp/sum/div (or ``_softmax``),
-    plus the softmax's internal nodes (checked for outside users)."""
+    possibly inside a fully-masked-row guard, plus the internal nodes (checked for
+    outside users; the first is the one the attention weights leave from)."""
     node = _skip(probs, _CONVERTS)
     if _is(node, aten.where.self):
-        # SDPA's math path (qk and v head dims differ, as in MLA) decomposes
-        # _safe_softmax into where(row fully masked, 0, softmax): not carried yet
-        raise _Refuse("softmax inside a fully-masked-row guard (SDPA math path's _safe_softmax)")
+        # SDPA's math path decomposes _safe_softmax into where(row all -inf, 0, softmax)
+        guarded, guard = _fully_masked_row_guard(node)
+        node = node.args[2]
+        while _is(node, *_CONVERTS):
+            guard.append(node)
+            node = node.args[0]
+        x, internals = _plain_softmax_input(node)
+        if _skip_exact_upcasts(guarded) is not _skip_exact_upcasts(x):
+            raise _Refuse("fully-masked-row guard tests another tensor than the softmax's")
+        return x, guard + internals
+    return _plain_softmax_input(node)
+
+
+def _fully_masked_row_guard(where: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """``X`` of ``where(all(X == -inf, -1, keepdim), 0, probs)`` and the guard's nodes
+    (``where`` first). ``all`` may be spelled ``not(any(not(...)))`` (its decomposition).
+
+    Rewriting it is exact: where a row of ``X`` has a finite logit the guard passes the
+    softmax through, and where every logit is -inf the guard writes 0, as the op does
+    for a row with no visible key (output 0, LSE -inf: ``custom_ops/grouped_decode.py``).
+    """
+    cond, zero = where.args[0], where.args[1]
+    if _constant_fill(zero) != 0.0:
+        raise _Refuse("softmax guard that writes something other than 0")
+    nodes = [where, cond] + ([zero] if isinstance(zero, fx.Node) else [])
+    if _is(cond, *_NOTS) and _is(cond.args[0], aten.any.dim, aten.any.dims):
+        red = cond.args[0]
+        test = red.args[0]
+        if not _is(test, *_NOTS):
+            raise _Refuse("softmax guard that is not all(x == -inf) over the row")
+        nodes += [red, test]
+        test = test.args[0]
+    elif _is(cond, aten.all.dim, aten.all.dims):
+        red, test = cond, cond.args[0]
+    else:
+        raise _Refuse("softmax behind a where that is not a fully-masked-row guard")
+    if not (_is(test, aten.eq.Scalar) and _scalar(test.args[1]) == float("-inf")):
+        raise _Refuse("softmax guard that is not all(x == -inf) over the row")
+    nodes.append(test)
+    args = _bind(red)
+    dims = args["dim"] if isinstance(args["dim"], (list, tuple)) else [args["dim"]]
+    rank = len(_shape(test))
+    if None in dims or [d % rank for d in dims] != [rank - 1] or not args["keepdim"]:
+        raise _Refuse("softmax guard over a dim other than the last")
+    return test.args[0], nodes
+
+
+def _plain_softmax_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     if _is(node, aten._softmax.default, aten._safe_softmax.default):
         if node.args[1] not in (-1, len(_shape(node)) - 1):
             raise _Refuse("softmax over a dim other than the last")
@@ -273,18 +475,17 @@ def _logit_transforms(site: _Site, x: fx.Node, batch: int, hq: int, s: int) -> f
     """Peel mask, softcap and scale off the logits; returns the raw score node."""
     x = _skip(x, _CONVERTS)
     rank = len(_shape(x))
+    # the mask is applied last: added (HF: additive mask) or written over the logits
+    # (masked_fill(~keep, -inf), a where after decomposition); the op carries one. An add
+    # below it is the scores' own (MLA: nope + rope parts).
     if _is(x, aten.add.Tensor):
-        a, b = x.args
-        # the mask is the operand that is not a bmm result (scores come from a bmm,
-        # possibly scaled or capped); which one that is gets settled by the checks
-        b_is_scores = _is(_skip(b, _CONVERTS + _RESHAPES), aten.bmm.default, aten.mul.Tensor,
-                          aten.div.Tensor)
-        scores, mask = (b, a) if b_is_scores else (a, b)
-        if not isinstance(mask, fx.Node):
-            raise _Refuse(f"logits plus a constant {mask!r}")
-        site.mask = _carry_mask(mask, batch, hq, s, rank)
+        x = _skip(_peel_additive_mask(site, x, batch, hq, s, rank), _CONVERTS)
+    elif _is(x, aten.where.self, aten.masked_fill.Scalar):
+        x = _skip(_peel_bool_mask(site, x, batch, hq, s, rank), _CONVERTS)
+    if site.mask is not None:
         site.mask_rank = rank
-        x = _skip(scores, _CONVERTS)
+        if _is(x, aten.where.self, aten.masked_fill.Scalar):
+            raise _Refuse("logits carry two masks (the op takes one)")
     if _is(x, aten.mul.Tensor) and _is(x.args[0], aten.tanh.default):
         cap = _scalar(x.args[1])
         inner = x.args[0].args[0]
@@ -292,13 +493,60 @@ def _logit_transforms(site: _Site, x: fx.Node, batch: int, hq: int, s: int) -> f
             raise _Refuse("tanh on the logits that is not a softcap c * tanh(x / c)")
         site.softcap = cap
         x = _skip(inner.args[0], _CONVERTS)
-    if _is(x, aten.mul.Tensor) and _scalar(x.args[1]) is not None:
-        site.scale = _scalar(x.args[1])
-        x = x.args[0]
-    elif _is(x, aten.div.Tensor) and _scalar(x.args[1]) is not None:
-        site.scale = 1.0 / _scalar(x.args[1])
-        x = x.args[0]
-    return _skip(x, _CONVERTS)
+    x, site.scale = _peel_scale(x)
+    x = _skip(x, _CONVERTS)
+    if site.scale != 1.0 and _is(x, aten.add.Tensor):
+        from_bmm = [_is(_skip(a, _CONVERTS + _RESHAPES), aten.bmm.default) for a in x.args]
+        if sum(from_bmm) == 1:
+            # (scores + mask) * s: the op adds the mask after scaling (an MLA sum of two
+            # score bmms, scaled together, is the scores' own add)
+            raise _Refuse("mask added before the logit scale")
+    return x
+
+
+def _peel_additive_mask(site: _Site, x: fx.Node, batch: int, hq: int, s: int,
+                        rank: int) -> fx.Node:
+    a, b = x.args
+    # the mask is the operand that is not a bmm result (scores come from a bmm,
+    # possibly scaled or capped); which one that is gets settled by the checks
+    b_is_scores = _is(_skip(b, _CONVERTS + _RESHAPES), aten.bmm.default, *_SCALE_MULS,
+                      *_SCALE_DIVS)
+    scores, mask = (b, a) if b_is_scores else (a, b)
+    if not isinstance(mask, fx.Node):
+        raise _Refuse(f"logits plus a constant {mask!r}")
+    site.mask = _carry_mask(mask, batch, hq, s, rank)
+    return scores
+
+
+def _peel_bool_mask(site: _Site, x: fx.Node, batch: int, hq: int, s: int,
+                    rank: int) -> fx.Node:
+    """``where(keep, logits, -inf)``, ``where(drop, -inf, logits)`` or
+    ``masked_fill(logits, drop, -inf)``: the bool mask goes to the op (True = attend)."""
+    if _is(x, aten.masked_fill.Scalar):
+        scores, cond, fill, drop = x.args[0], x.args[1], x.args[2], True
+    else:
+        cond, a, b = x.args
+        a_fill, b_fill = _constant_fill(a), _constant_fill(b)
+        if a_fill is None and b_fill is not None:
+            scores, fill, drop = a, b, False
+        elif a_fill is not None and b_fill is None:
+            scores, fill, drop = b, a, True
+        else:
+            raise _Refuse("logits pass through a where that is not a mask")
+    fill = _constant_fill(fill)
+    if fill != float("-inf"):
+        # a finite fill differs from masking on a fully masked row (the softmax then
+        # averages every position; the op writes 0)
+        raise _Refuse(f"logits masked with {fill} instead of -inf")
+    if not isinstance(scores, fx.Node) or _shape(scores) != _shape(x):
+        raise _Refuse("mask broadcasts the logits to another shape")
+    if _dtype(cond) != torch.bool:
+        raise _Refuse(f"where condition of dtype {_dtype(cond)}")
+    if drop and _is(cond, *_NOTS) and _dtype(cond.args[0]) == torch.bool:
+        cond, drop = cond.args[0], False
+    site.mask = _carry_mask(cond, batch, hq, s, rank)
+    site.mask_invert = drop
+    return scores
 
 
 def _bmm_operand(node: Any) -> fx.Node:
@@ -324,13 +572,12 @@ def _match_sdpa(node: fx.Node) -> tuple[_Site, fx.Node]:
         raise _Refuse("is_causal with one query (top-left causal: only position 0)")
     if args.get("dropout_mask") is not None:
         raise _Refuse("dropout mask")
-    k_src, k_rep = _strip_repeat_kv(k)
-    v_src, v_rep = _strip_repeat_kv(v)
-    kb, hkv, s, kd = _static(_shape(k_src), "K")
-    vb, vh, vs, dv = _static(_shape(v_src), "V")
-    if (vb, vh, vs) != (kb, hkv, s) or kb != batch or kd != dk or k_rep != v_rep:
-        raise _Refuse(f"K {_shape(k_src)} and V {_shape(v_src)} do not pair up for q {_shape(q)}")
-    _check_sharing(hq, hkv, k_rep)
+    k_src, v_src = _kv_source(k, "K"), _kv_source(v, "V")
+    kb, hkv, s, kd = _static(k_src.shape, "K")
+    vb, vh, vs, _ = _static(v_src.shape, "V")
+    if (vb, vh, vs) != (kb, hkv, s) or kb != batch or kd != dk or k_src.n_rep != v_src.n_rep:
+        raise _Refuse(f"K {k_src.shape} and V {v_src.shape} do not pair up for q {_shape(q)}")
+    _check_sharing(hq, hkv, k_src.n_rep)
 
     # outputs besides the attention output (logsumexp, ...) must be unused
     if node.target in (aten.scaled_dot_product_attention.default,):
@@ -347,7 +594,8 @@ def _match_sdpa(node: fx.Node) -> tuple[_Site, fx.Node]:
         out_node = firsts[0]
 
     site = _Site()
-    site.q, site.k, site.v = q, k_src, v_src
+    site.q = q
+    _set_kv(site, k_src, v_src)
     mask = next((args[n] for n in _MASK_ARG_NAMES if n in args), None)
     site.mask = _carry_mask(mask, batch, hq, s)
     scale = args.get("scale")
@@ -391,26 +639,31 @@ def _match_eager(bmm2: fx.Node) -> tuple[_Site, fx.Node]:
     site = _Site()
     scores = _logit_transforms(site, logits, batch, hq, s)
     bmm1 = _skip(scores, _RESHAPES)
-    q = _bmm_operand(bmm1.args[0]) if _is(bmm1, aten.bmm.default) else None
+    q, q_factor = _peel_scale(_bmm_operand(bmm1.args[0])) if _is(bmm1, aten.bmm.default) \
+        else (None, 1.0)
     if q is None or len(_shape(q)) != 4:
         # not HF's (B, H, 1, D) query: an absorbed MLA decode over a latent cache
         return _match_mla(site, scores, v_op, bmm2, batch, hq, s)
-    kt = _bmm_operand(bmm1.args[1])
+    # SDPA's math path scales q and k^T by sqrt(scale) each, before the bmm
+    kt, k_factor = _peel_scale(_bmm_operand(bmm1.args[1]))
     if _is(kt, aten.permute.default) and list(kt.args[1]) == [0, 1, 3, 2]:
-        k_rep = kt.args[0]
+        k_rep, k_factor2 = _peel_scale(kt.args[0])
     else:
         raise _Refuse("keys are not transposed before the score bmm")
+    site.scale *= q_factor * k_factor * k_factor2
 
     _, _, dk = _decode_q(q)
-    k_src, k_n = _strip_repeat_kv(k_rep)
-    v_src, v_n = _strip_repeat_kv(v_rep)
-    kb, hkv, ks, kd = _static(_shape(k_src), "K")
-    vb, vh, vs, dv = _static(_shape(v_src), "V")
-    if (kb, ks, kd) != (batch, s, dk) or (vb, vh, vs) != (kb, hkv, ks) or k_n != v_n:
-        raise _Refuse(f"K {_shape(k_src)} and V {_shape(v_src)} do not pair up")
-    _check_sharing(hq, hkv, k_n)
-    site.q, site.k, site.v = q, k_src, v_src
-    site.detail = f"eager n_rep={hq // hkv}"
+    k_src, v_src = _kv_source(k_rep, "K"), _kv_source(v_rep, "V")
+    kb, hkv, ks, kd = _static(k_src.shape, "K")
+    vb, vh, vs, _ = _static(v_src.shape, "V")
+    if (kb, ks, kd) != (batch, s, dk) or (vb, vh, vs) != (kb, hkv, ks) \
+            or k_src.n_rep != v_src.n_rep:
+        raise _Refuse(f"K {k_src.shape} and V {v_src.shape} do not pair up")
+    _check_sharing(hq, hkv, k_src.n_rep)
+    site.q = q
+    _set_kv(site, k_src, v_src)
+    form = "eager safe_softmax" if internals[0].target is aten.where.self else "eager"
+    site.detail = f"{form} n_rep={hq // hkv}" + (" shared-latent" if site.v is None else "")
     return site, bmm2
 
 
@@ -488,8 +741,10 @@ def _latent(node: fx.Node) -> tuple[fx.Node, int, int]:
 def _mla_term(term: Any, batch: int, hq: int, s: int):
     """One score bmm ``q (B, H, Dq) x cache[..., lo:hi]^T``: ``(q, cache, lo, hi)``."""
     bmm, dims = _view_dims(term)
-    if not _is(bmm, aten.bmm.default) or [d for d in dims if d is not None] != [0, 1, 2]:
-        raise _Refuse("MLA score term is not a bmm")
+    if not _is(bmm, aten.bmm.default):
+        raise _Refuse(f"scores come from {_op_name(bmm)}, not from a bmm")
+    if [d for d in dims if d is not None] != [0, 1, 2]:
+        raise _Refuse(f"MLA score bmm of shape {_shape(bmm)} reshaped to {_shape(term)}")
     q, q_axes = _axes(bmm.args[0], 3)
     kv, k_axes = _axes(bmm.args[1], 3)
     cache, lo, hi = _latent(kv)
@@ -506,12 +761,12 @@ def _mla_term(term: Any, batch: int, hq: int, s: int):
 
 def _match_mla(site: _Site, scores: fx.Node, v_op: Any, bmm2: fx.Node, batch: int, hq: int,
                s: int) -> tuple[_Site, fx.Node]:
-    root, dims = _view_dims(scores)
+    root, _ = _view_dims(scores)
     terms = root.args if _is(root, aten.add.Tensor) else (scores,)
     parts = sorted((_mla_term(t, batch, hq, s) for t in terms), key=lambda p: p[2])
     cache = parts[0][1]
     tiles = all(p[1] is cache for p in parts) and parts[0][2] == 0 and \
-        all(a[3] == b[2] for a, b in zip(parts, parts[1:])) and parts[-1][3] == _shape(cache)[-1]
+        all(a[3] == b[2] for a, b in itertools.pairwise(parts)) and parts[-1][3] == _shape(cache)[-1]
     if not tiles:
         raise _Refuse("MLA score parts do not cover one latent cache")
     cshape = _static(_shape(cache), "the latent cache")
@@ -534,6 +789,21 @@ def _match_mla(site: _Site, scores: fx.Node, v_op: Any, bmm2: fx.Node, batch: in
     return site, bmm2
 
 
+def _cache_operand(graph: fx.Graph, node: fx.Node | None, shape: tuple[int, ...] | None,
+                   dtype: torch.dtype | None) -> fx.Node | None:
+    """``node`` as the op reads it: converted where the attention used another dtype (an
+    exact upcast is left to the op, which widens to q's dtype itself), reshaped to
+    ``shape`` (a view: only size-1 dims move)."""
+    if node is None:
+        return None
+    src = _dtype(node)
+    if dtype is not None and src != dtype and (src, dtype) not in _EXACT_UPCASTS:
+        node = _emit(graph, prims.convert_element_type.default, (node, dtype))
+    if shape is not None and _shape(node) != tuple(shape):
+        node = _emit(graph, aten.reshape.default, (node, list(shape)))
+    return node
+
+
 # ------------------------------------------------------------------ the fusion
 class GroupedDecodeFusion(Fusion):
     """Rewrites decode attention over shared KV heads into ``attnfuse::grouped_decode``."""
@@ -546,7 +816,7 @@ class GroupedDecodeFusion(Fusion):
     def apply(self, graph: fx.Graph, sites: SiteRecorder) -> None:
         sdpa = sdpa_ops()
         for node in list(graph.nodes):
-            if node.op != "call_function":
+            if node.op != "call_function" or getattr(node, "_erased", False):
                 continue
             if node.target in sdpa:
                 matcher = _match_sdpa
@@ -558,7 +828,7 @@ class GroupedDecodeFusion(Fusion):
             try:
                 site, anchor = matcher(node)
                 self._rewrite(graph, site, anchor, node)
-            except Exception as exc:  # never raise out of a pass on an unfamiliar graph
+            except Exception as exc:  # noqa: BLE001  (a pass never raises on an unfamiliar graph)
                 # a failure part-way through a rewrite leaves only unused new nodes behind
                 for new in reversed([n for n in graph.nodes if n not in existing]):
                     if not new.users:
@@ -584,6 +854,11 @@ class GroupedDecodeFusion(Fusion):
         q_val = fake_value(site.q)
         if q_val.dtype not in _FLOAT_DTYPES:
             raise _Refuse(f"query dtype {q_val.dtype}")
+        if not site.scale > 0:
+            raise _Refuse(f"logit scale {site.scale} is not positive")
+        for node, dtype in ((site.k, site.k_dtype), (site.v, site.v_dtype)):
+            if node is not None and dtype not in (None,) + _FLOAT_DTYPES:
+                raise _Refuse(f"K/V computed in {dtype}")
         with graph.inserting_before(anchor):
             if site.q_parts is not None:
                 batch, hq = _shape(anchor)[0], _shape(anchor)[1]
@@ -594,7 +869,8 @@ class GroupedDecodeFusion(Fusion):
                 q3 = _emit(graph, aten.squeeze.dim, (site.q, 2))
             else:
                 q3 = site.q
-            k = site.k
+            k = _cache_operand(graph, site.k, site.k_shape, site.k_dtype)
+            v = _cache_operand(graph, site.v, site.v_shape, site.v_dtype)
             if site.v is None and len(_shape(k)) == 3:
                 k = _emit(graph, aten.unsqueeze.default, (k, 1))
             mask = site.mask
@@ -602,8 +878,10 @@ class GroupedDecodeFusion(Fusion):
                 mshape = _shape(mask)
                 mask_batch = ((1,) * (site.mask_rank - len(mshape)) + mshape)[0]
                 mask = _emit(graph, aten.reshape.default, (mask, [mask_batch, mshape[-1]]))
+                if site.mask_invert:
+                    mask = _emit(graph, aten.logical_not.default, (mask,))
             call = _emit(graph, torch.ops.attnfuse.grouped_decode.default,
-                         (q3, k, site.v, None, None, mask, float(site.scale),
+                         (q3, k, v, None, None, mask, float(site.scale),
                           float(site.softcap), -1, None, None, int(site.v_head_dim)))
             out = _emit(graph, operator.getitem, (call, 0))
             target_shape = list(_shape(anchor))
@@ -618,5 +896,13 @@ class GroupedDecodeFusion(Fusion):
         for user in list(origin.users):
             if _is(user, operator.getitem) and not user.users:
                 graph.erase_node(user)
-        if not origin.users:
-            graph.erase_node(origin)
+        dead = [anchor, origin]
+        # the replaced attention (softmax, repeats, guard) goes now, not at the final
+        # dead-code elimination: fusions that run later must not report it as a near miss
+        while dead:
+            node = dead.pop()
+            if not getattr(node, "_erased", False) and node.op == "call_function" \
+                    and not node.users \
+                    and (node is origin or not node.is_impure()):
+                dead.extend(n for n in node.all_input_nodes if n not in dead)
+                graph.erase_node(node)

@@ -164,12 +164,36 @@ def test_serving_mla_decode_layer_rewrite_is_pinned():
                 torch.full((batch,), seq + 1))
         d = graph_diff(model.decode, *step, backend="eager")
         torch.testing.assert_close(d.outputs, model.decode(*step), atol=1e-4, rtol=1e-4)
-    # the absorbed decode runs through SDPA's math path here (qk 80 vs v 64 wide): not
-    # rewritten yet, and said so
-    assert any(m.fusion == "grouped_decode" and "_safe_softmax" in m.reason
-               for m in d.report.near_misses), d.report.table()
+    # the absorbed decode runs through SDPA's math path here (qk 80 vs v 64 wide, the
+    # softmax inside _safe_softmax's guard); V is the latent that K's rows start with, so
+    # the op reads the latent once
+    d.assert_fired(grouped_decode=1)
+    assert [s.detail for s in d.report.sites if s.fusion == "grouped_decode"] == [
+        "eager safe_softmax n_rep=8 shared-latent"], d.report.table()
     d.assertExpectedInline(d.summary(), """\
 rope_kv_write: 0
-grouped_decode: 0
+grouped_decode: 1
 mla_short_prefill: 0
-workspace_overlap: 0""")
+workspace_overlap: 0
+- aten.add.Tensor x1
+- aten.amax x1
+- aten.any.dim x1
+- aten.bmm x2
+- aten.clone x1
+- aten.div.Tensor x1
+- aten.eq.Scalar x1
+- aten.exp x1
+- aten.expand x6
+- aten.full x1
+- aten.index.Tensor x1
+- aten.logical_not x2
+- aten.mul.Scalar x2
+- aten.permute x1
+- aten.reshape x2
+- aten.sub.Tensor x1
+- aten.sum.dim_IntList x1
+- aten.unsqueeze x2
+- aten.where.self x1
++ aten.squeeze.dim x1
++ attnfuse.grouped_decode x1
++ getitem x1""")

@@ -8,8 +8,8 @@ import operator
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
+from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from attnfuse.fusions.grouped_decode import GroupedDecodeFusion
@@ -18,11 +18,15 @@ from attnfuse.passes.testing import graph_diff
 NAME = "grouped_decode"
 OP = torch.ops.attnfuse.grouped_decode.default
 aten = torch.ops.aten
-F32_TOL = dict(atol=1e-5, rtol=1e-5)
+F32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 #: bf16: the unfused graph rounds the scores to bf16 before the fp32 softmax; the op does not
-BF16_TOL = dict(atol=3e-2, rtol=3e-2)
+BF16_TOL = {"atol": 3e-2, "rtol": 3e-2}
 B, HQ, HKV, S, D = 2, 8, 2, 16, 16
 SCALE = 0.3
+#: V head dim of the SDPA math-path forms (differs from D: CPU SDPA takes the math path)
+DV = 8
+#: V = the leading DV_LATENT features of an MLA latent row of D_LATENT
+D_LATENT, DV_LATENT = 40, 24
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -57,6 +61,57 @@ def eager_attention(q, k_cache, v_cache, mask, softcap=None):
     return torch.matmul(w, v).transpose(1, 2).contiguous()
 
 
+def sdpa_math_repeat_kv(q, k_cache, v_cache, keep, enable_gqa=False):
+    """K and V head dims differ: CPU SDPA lowers to its math path, whose softmax is
+    ``_safe_softmax`` (decomposed: ``where(row all -inf, 0, softmax)``)."""
+    if not enable_gqa:
+        n_rep = q.shape[1] // k_cache.shape[1]
+        k_cache, v_cache = repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep, scale=SCALE,
+                                          enable_gqa=enable_gqa)
+
+
+def sdpa_math_latent(q, latent, keep, v_source=None):
+    """Absorbed MLA decode as serving code writes it with SDPA: one latent row per
+    position read by every head, V its leading features (or, with ``v_source``, a
+    separate tensor: plain MQA with Dk != Dv)."""
+    heads = q.shape[1]
+    v = latent[..., :DV_LATENT] if v_source is None else v_source
+    return F.scaled_dot_product_attention(
+        q, latent.unsqueeze(1).expand(-1, heads, -1, -1), v.unsqueeze(1).expand(-1, heads, -1, -1),
+        attn_mask=keep[:, None, None, :], scale=SCALE)
+
+
+def sdpa_math_latent_gathered(q, latent_pool, pe_pool, slot_table, keep):
+    """``examples/serving_mla.py``'s decode: K = cat(latent[slots], pe[slots]) and V =
+    latent[slots], two reads of one gather the pass must see as one tensor."""
+    heads = q.shape[1]
+    k = torch.cat([latent_pool[slot_table], pe_pool[slot_table]], dim=-1)
+    v = latent_pool[slot_table]
+    return F.scaled_dot_product_attention(
+        q, k.unsqueeze(1).expand(-1, heads, -1, -1), v.unsqueeze(1).expand(-1, heads, -1, -1),
+        attn_mask=keep[:, None, None, :], scale=SCALE)
+
+
+def matmul_masked_fill(q, k_cache, v_cache, lens, form="masked_fill", fill=float("-inf")):
+    """Serving-style GQA decode: scores by matmul, ``masked_fill(~valid, -inf)``, fp32
+    softmax, weighted sum (``examples/serving_gqa.py``, ``decode_attention="matmul"``)."""
+    n_rep = q.shape[1] // k_cache.shape[1]
+    keys, values = repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep)
+    pos = torch.arange(keys.shape[2])[None, :]
+    scores = torch.matmul(q, keys.transpose(2, 3)) * SCALE
+    if form == "masked_fill":
+        valid = pos < lens[:, None]
+        scores = scores.masked_fill(~valid[:, None, None, :], fill)
+    elif form == "where_keep":
+        valid = pos < lens[:, None]
+        scores = torch.where(valid[:, None, None, :], scores, fill)
+    else:  # "masked_fill_drop": the mask marks the dropped positions directly
+        scores = scores.masked_fill((pos >= lens[:, None])[:, None, None, :], fill)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, values)
+
+
 def mla_absorbed_two_part(q_nope, q_pe, latent):
     """Absorbed MLA decode: nope and rope scores over one latent cache, V = its prefix."""
     ckv, kpe = latent[..., :32], latent[..., 32:]
@@ -81,12 +136,28 @@ def _inputs(dtype=torch.float32, hq=HQ, hkv=HKV, q_len=1):
     return q, k, v, keep
 
 
+def _keep_with_empty_row(dtype=None):
+    """(B, 1, 1, S) bool mask: sequence 0 sees nothing (a fully masked row), sequence 1
+    sees a random subset; with ``dtype``, the additive form (0 / -inf)."""
+    torch.manual_seed(3)
+    keep = torch.rand(B, 1, 1, S) > 0.3
+    keep[0] = False
+    keep[1, ..., 0] = True
+    if dtype is None:
+        return keep
+    return torch.where(keep, 0.0, float("-inf")).to(dtype)
+
+
 def _diff(fn, *args):
     return graph_diff(fn, *args, fusions=[NAME], backend="eager")
 
 
 def _reasons(d):
     return [m.reason for m in d.report.near_misses if m.fusion == NAME]
+
+
+def _details(d):
+    return [site.detail for site in d.report.sites if site.fusion == NAME]
 
 
 # ------------------------------------------------------------------ forms
@@ -150,6 +221,115 @@ def test_mla_absorbed_bmm_single_with_mask():
     d = _diff(mla_absorbed_single, q, latent, mask)
     d.assert_fired(grouped_decode=1)
     torch.testing.assert_close(d.outputs, mla_absorbed_single(q, latent, mask), **F32_TOL)
+
+
+# ------------------------------------------------------------------ SDPA's math path
+def _math_inputs(dtype, hkv=HKV, q_len=1):
+    torch.manual_seed(4)
+    q = torch.randn(B, HQ, q_len, D, dtype=dtype)
+    return q, torch.randn(B, hkv, S, D, dtype=dtype), torch.randn(B, hkv, S, DV, dtype=dtype)
+
+
+@pytest.mark.parametrize("mask_dtype", [None, "additive"], ids=["bool", "additive"])
+@pytest.mark.parametrize("enable_gqa", [False, True], ids=["repeat_kv", "enable_gqa"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_sdpa_math_path_safe_softmax(dtype, tol, enable_gqa, mask_dtype):
+    """The guard zeroes rows with no visible key, as the op does: matched, and the fully
+    masked sequence comes out 0 in both graphs."""
+    q, k, v = _math_inputs(dtype)
+    keep = _keep_with_empty_row(dtype if mask_dtype else None)
+    d = _diff(sdpa_math_repeat_kv, q, k, v, keep, enable_gqa)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == ["eager safe_softmax n_rep=4"] and _reasons(d) == []
+    assert "aten.bmm" not in d.after and "aten.any" not in d.after
+    expected = sdpa_math_repeat_kv(q, k, v, keep, enable_gqa)
+    assert expected[0].abs().max() == 0  # the unfused guard's zeros ...
+    assert d.outputs[0].abs().max() == 0  # ... and the op's
+    torch.testing.assert_close(d.outputs, expected, **tol)
+
+
+def test_sdpa_math_path_without_mask():
+    q, k, v = _math_inputs(torch.float32)
+    d = _diff(sdpa_math_repeat_kv, q, k, v, None)
+    d.assert_fired(grouped_decode=1)
+    torch.testing.assert_close(d.outputs, sdpa_math_repeat_kv(q, k, v, None), **F32_TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_sdpa_math_path_latent_broadcast_is_shared_latent(dtype, tol):
+    """MLA decode through SDPA: every head reads one latent row (expand of a size-1 head
+    dim), V is its leading features; the op reads the latent once (no V operand)."""
+    torch.manual_seed(5)
+    q = torch.randn(B, HQ, 1, D_LATENT, dtype=dtype)
+    latent = torch.randn(B, S, D_LATENT, dtype=dtype)
+    keep = _keep_with_empty_row()[:, 0, 0]
+    d = _diff(sdpa_math_latent, q, latent, keep)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == [f"eager safe_softmax n_rep={HQ} shared-latent"]
+    expected = sdpa_math_latent(q, latent, keep)
+    assert d.outputs[0].abs().max() == 0
+    torch.testing.assert_close(d.outputs, expected, **tol)
+
+
+def test_sdpa_math_path_mqa_with_separate_values():
+    """Same broadcast, V a tensor of its own: one KV head, K and V read separately."""
+    torch.manual_seed(6)
+    q, latent = torch.randn(B, HQ, 1, D_LATENT), torch.randn(B, S, D_LATENT)
+    values = torch.randn(B, S, DV_LATENT)
+    keep = _keep_with_empty_row()[:, 0, 0]
+    d = _diff(sdpa_math_latent, q, latent, keep, values)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == [f"eager safe_softmax n_rep={HQ}"]
+    torch.testing.assert_close(d.outputs, sdpa_math_latent(q, latent, keep, values), **F32_TOL)
+
+
+def test_sdpa_flash_op_over_broadcast_kv_row():
+    """Dk == Dv: CPU SDPA keeps its flash op; the broadcast KV row is one KV head."""
+    torch.manual_seed(8)
+    q, latent = torch.randn(B, HQ, 1, D_LATENT), torch.randn(B, S, D_LATENT)
+    values = torch.randn(B, S, D_LATENT)
+    keep = _keep_with_empty_row()[:, 0, 0]
+    d = _diff(sdpa_math_latent, q, latent, keep, values)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == [f"sdpa _scaled_dot_product_flash_attention_for_cpu n_rep={HQ}"]
+    torch.testing.assert_close(d.outputs, sdpa_math_latent(q, latent, keep, values), **F32_TOL)
+
+
+def test_sdpa_math_path_gathered_latent_read_twice_is_shared():
+    torch.manual_seed(7)
+    slots = 64
+    q = torch.randn(B, HQ, 1, D_LATENT)
+    latent_pool, pe_pool = torch.randn(slots, DV_LATENT), torch.randn(slots, D_LATENT - DV_LATENT)
+    slot_table = torch.randperm(slots)[:B * S].view(B, S)
+    keep = _keep_with_empty_row()[:, 0, 0]
+    args = (q, latent_pool, pe_pool, slot_table, keep)
+    d = _diff(sdpa_math_latent_gathered, *args)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == [f"eager safe_softmax n_rep={HQ} shared-latent"]
+    torch.testing.assert_close(d.outputs, sdpa_math_latent_gathered(*args), **F32_TOL)
+
+
+def test_sdpa_math_path_inductor_code_calls_op():
+    q, k, v = _math_inputs(torch.float32)
+    keep = _keep_with_empty_row()
+    d = graph_diff(sdpa_math_repeat_kv, q, k, v, keep, fusions=[NAME], backend="inductor")
+    d.assert_fired(grouped_decode=1)
+    assert "attnfuse.grouped_decode" in d.code and "clone" not in d.code
+    torch.testing.assert_close(d.outputs, sdpa_math_repeat_kv(q, k, v, keep), **F32_TOL)
+
+
+# ------------------------------------------------------------------ bool-masked matmul
+@pytest.mark.parametrize("form", ["masked_fill", "where_keep", "masked_fill_drop"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_matmul_bool_mask_carried(dtype, tol, form):
+    """-inf written over masked logits: the bool mask goes to the op (True = attend)."""
+    q, k, v, _ = _inputs(dtype)
+    lens = torch.tensor([5, S - 3])
+    d = _diff(matmul_masked_fill, q, k, v, lens, form)
+    d.assert_fired(grouped_decode=1)
+    assert _details(d) == ["eager n_rep=4"]
+    assert ("aten.logical_not" in d.after) == (form == "masked_fill_drop")
+    torch.testing.assert_close(d.outputs, matmul_masked_fill(q, k, v, lens, form), **tol)
 
 
 # ------------------------------------------------------------------ HF models
@@ -232,6 +412,48 @@ def test_per_head_mask_is_a_near_miss():
     torch.testing.assert_close(d.outputs, sdpa_repeat_kv(q, k, v, per_head))
 
 
+def test_sdpa_math_path_prefill_is_a_near_miss():
+    q, k, v = _math_inputs(torch.float32, q_len=4)
+    d = _diff(sdpa_math_repeat_kv, q, k, v, torch.ones(B, 1, 4, S, dtype=torch.bool))
+    d.assert_not_fired(NAME)
+    assert _reasons(d) == ["query length 4 > 1 (not decode)"]
+
+
+def test_sdpa_math_path_mha_reason_is_no_sharing():
+    """HF DeepSeek-V3's form (decompressed K/V, Hq == Hkv, math path): the reason shown
+    is the lack of sharing, not the softmax guard."""
+    q, k, v = _math_inputs(torch.float32, hkv=HQ)
+    keep = _keep_with_empty_row()
+    d = _diff(sdpa_math_repeat_kv, q, k, v, keep)
+    d.assert_not_fired(NAME)
+    assert _reasons(d) == ["no KV head sharing (Hq == Hkv, MHA): nothing to gain"]
+
+
+def test_matmul_masked_fill_with_finite_value_is_a_near_miss():
+    """A finite fill averages every position of a fully masked row; the op writes 0."""
+    q, k, v, _ = _inputs()
+    lens = torch.tensor([5, S - 3])
+    fill = torch.finfo(torch.float32).min
+    d = _diff(matmul_masked_fill, q, k, v, lens, "masked_fill", fill)
+    d.assert_not_fired(NAME)
+    assert _reasons(d) == [f"logits masked with {fill} instead of -inf"]
+    torch.testing.assert_close(d.outputs, matmul_masked_fill(q, k, v, lens, "masked_fill", fill))
+
+
+def test_mask_added_before_the_scale_is_a_near_miss():
+    """(scores + mask) * s scales the mask too; the op adds it after scaling."""
+    def mask_then_scale(q, k_cache, v_cache, mask):
+        k, v = repeat_kv(k_cache, 4), repeat_kv(v_cache, 4)
+        w = (torch.matmul(q, k.transpose(2, 3)) + mask) * SCALE
+        return torch.matmul(F.softmax(w, dim=-1), v)
+
+    q, k, v, keep = _inputs()
+    mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    d = _diff(mask_then_scale, q, k, v, mask)
+    d.assert_not_fired(NAME)
+    assert _reasons(d) == ["mask added before the logit scale"]
+
+
 def test_attention_weights_used_elsewhere_is_a_near_miss():
     def returns_weights(q, k_cache, v_cache):
         k, v = repeat_kv(k_cache, 4), repeat_kv(v_cache, 4)
@@ -300,9 +522,8 @@ def _cuda_graph(sdpa_target, reshape_target, with_mask, cache_from_getitem=False
                      {"dtype": torch.bfloat16, "device": torch.device("cuda")})
         mask = _emit(graph, aten.where.self, (ph["m"], zero, ninf))
     q, k, v = ph["q"], caches[0], caches[1]
-    if sdpa_target is aten._scaled_dot_product_cudnn_attention.default:
-        call = _emit(graph, sdpa_target, (q, k, v, mask, False), {"scale": SCALE})
-    elif sdpa_target is aten._scaled_dot_product_efficient_attention.default:
+    if sdpa_target in (aten._scaled_dot_product_cudnn_attention.default,
+                       aten._scaled_dot_product_efficient_attention.default):
         call = _emit(graph, sdpa_target, (q, k, v, mask, False), {"scale": SCALE})
     elif sdpa_target is aten._scaled_dot_product_flash_attention.default:
         call = _emit(graph, sdpa_target, (q, k, v), {"scale": SCALE})
