@@ -229,17 +229,23 @@ def sweep() -> list[dict]:
     # _v3.md (block shapes at 128 MLA heads; MLA split counts) and _v4.md (static-cache
     # blocks; small-context split counts; starting each program at a rotated block of
     # its split, measured no gain and not kept)
-    cfgs = [{"block_n": n, "num_warps": w, "num_stages": st}
-            for n, w, st in ((32, 4, 2), (64, 8, 2), (32, 4, 3), (32, 8, 2))]
+    # _v5.md: the points still short of their targets (GQA vs SDPA at small sizes; MLA-16
+    # at B=1 ctx 32k and at batch >= 16), with more pipeline stages and split counts
+    # beyond the automatic rule's cap
+    blocks = [{"block_n": n, "num_warps": w, "num_stages": st}
+              for n, w, st in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3),
+                               (64, 8, 2), (64, 8, 3))]
     points = [
-        ("gqa_static", 16, 32768, None, _variants(
-            [("block_n", (64, 128)), ("num_stages", (3, 4))])),
-        ("gqa", 1, 1024, None, [{"num_kv_splits": x} for x in (4, 8, 16)]),
-        ("gqa", 1, 8192, None, [{"num_kv_splits": x} for x in (32, 64, 128)]),
-        ("gqa", 16, 1024, None, [{"num_kv_splits": x} for x in (1, 2, 4, 8)]),
-        ("mla", 16, 32768, 16, cfgs),
-        ("mla", 64, 4096, 16, [{**c, "num_kv_splits": x} for c in cfgs[:2] for x in (4, 8)]),
-        ("mla", 1, 32768, 16, [{**c, "num_kv_splits": x} for c in cfgs[:2] for x in (64, 128)]),
+        ("gqa", 1, 8192, None, _variants([("num_kv_splits", (32, 64)), ("block_n", (32, 64)),
+                                          ("num_stages", (2, 3, 4)), ("num_warps", (2, 4))])),
+        ("gqa", 16, 1024, None, _variants([("num_kv_splits", (2, 4)), ("block_n", (32, 64, 128)),
+                                           ("num_stages", (2, 3, 4))])),
+        ("mla", 1, 32768, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (128, 256)]),
+        ("mla", 16, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (8, 17, 32)]),
+        ("mla", 64, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (2, 4)]),
+        ("mla", 128, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (1, 2)]),
+        ("mla", 64, 4096, 128, _variants([("num_warps", (4, 8)), ("num_stages", (1, 2)),
+                                          ("block_n", (16, 32)), ("num_kv_splits", (1, 2))])),
     ]
     for kind, batch, ctx, heads, variants in points:
         torch.manual_seed(0)

@@ -14,6 +14,7 @@ synchronization inside the timed loop (GPU work queues up asynchronously):
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,43 @@ def host_us(fn) -> float:
     return statistics.median(samples)
 
 
+def _add_probe_cases(cases: dict, args: tuple, rope_args: tuple) -> None:
+    """Where the op's own dispatch time goes: the same Python body behind a plain
+    ``torch.library.Library`` registration, and called directly."""
+    from attnfuse.custom_ops import grouped_decode as gd
+    from attnfuse.custom_ops import rope_write_kv as rw
+
+    lib = torch.library.Library("attnfuse_probe", "DEF")
+    lib.define(str(torch.ops.attnfuse.grouped_decode.default._schema).replace(
+        "attnfuse::grouped_decode", "gd"))
+    lib.impl("gd", gd.grouped_decode_op._init_fn if hasattr(gd.grouped_decode_op, "_init_fn")
+             else gd.grouped_decode_op, "CUDA")
+    _add_probe_cases.lib = lib  # keep the registration alive
+    body = gd.grouped_decode_op._init_fn
+    cases["grouped_decode python body (no dispatch)"] = lambda: body(*args)
+    cases["grouped_decode via plain Library op"] = lambda: torch.ops.attnfuse_probe.gd(*args)
+    rbody = rw.rope_write_kv._init_fn
+    cases["rope_write_kv python body (no dispatch)"] = lambda: rbody(*rope_args)
+    import cProfile
+    import io
+    import pstats
+
+    def profile(name, fn):
+        for _ in range(10):
+            fn()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            fn()
+        pr.disable()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
+        print(f"---- cProfile: {name} (200 calls)\n" + out.getvalue()[-3500:], flush=True)
+
+    profile("grouped_decode op", lambda: torch.ops.attnfuse.grouped_decode(*args))
+    profile("rope_write_kv op", lambda: torch.ops.attnfuse.rope_write_kv(*rope_args))
+
+
 def main() -> None:
     from attnfuse.custom_ops import grouped_decode as gd
     from attnfuse.custom_ops import rope_write_kv as rw
@@ -66,15 +104,22 @@ def main() -> None:
     rows = []
     cases = {
         "grouped_decode op": lambda: torch.ops.attnfuse.grouped_decode(*args),
+        "grouped_decode op [slow launch]": lambda: torch.ops.attnfuse.grouped_decode(*args),
         "grouped_decode validate only": lambda: gd.validate(*args),
         "grouped_decode launcher": lambda: grouped_decode_kernel(q, kc, vc, mask=mask, scale=D ** -0.5),
+        "grouped_decode launcher [slow launch]": lambda: grouped_decode_kernel(
+            q, kc, vc, mask=mask, scale=D ** -0.5),
         "rope_write_kv op": lambda: torch.ops.attnfuse.rope_write_kv(*rope_args),
+        "rope_write_kv op [slow launch]": lambda: torch.ops.attnfuse.rope_write_kv(*rope_args),
         "rope_write_kv launcher": lambda: rw.kernel(*rope_args),
+        "rope_write_kv launcher [slow launch]": lambda: rw.kernel(*rope_args),
         "baseline: SDPA (MHA over repeated K/V)": lambda: torch.nn.functional.scaled_dot_product_attention(
             q4, k4, k4),
         "baseline: one add": lambda: x.add(1),
     }
+    _add_probe_cases(cases, args, rope_args)
     for name, fn in cases.items():
+        os.environ["ATTNFUSE_FAST_LAUNCH"] = "0" if name.endswith("[slow launch]") else "1"
         try:
             us = host_us(fn)
         except Exception as exc:
@@ -103,21 +148,42 @@ def main() -> None:
     with torch.no_grad():
         for i in range(5):
             step(i)
+        for fast in ("0", "1"):
+            os.environ["ATTNFUSE_FAST_LAUNCH"] = fast
+            for i in range(3):
+                step(i)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(20):
+                step(5 + i)
+            host_ms = (time.perf_counter() - t0) * 1e3 / 20
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - t0) * 1e3 / 20
+            tag = "" if fast == "1" else " [slow launch]"
+            print(f"compiled 2-layer decode step{tag}: host {host_ms:.2f} ms issue, "
+                  f"{wall_ms:.2f} ms wall per step")
+            rows.append(dict(call=f"compiled 2-layer HF decode step (issue time){tag}",
+                             host_us=host_ms * 1e3))
+            rows.append(dict(call=f"compiled 2-layer HF decode step (wall){tag}",
+                             host_us=wall_ms * 1e3))
+        ind = torch.compile(model.forward)
+        for i in range(5):
+            ind(input_ids=tok, position_ids=torch.full((1, 1), CTX // 2 + i, device=dev),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(20):
-            step(5 + i)
+            ind(input_ids=tok, position_ids=torch.full((1, 1), CTX // 2 + i, device=dev),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
         host_ms = (time.perf_counter() - t0) * 1e3 / 20
         torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / 20
+        print(f"inductor 2-layer decode step: host {host_ms:.2f} ms issue")
+        rows.append(dict(call="Inductor 2-layer HF decode step (issue time)", host_us=host_ms * 1e3))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for i in range(5):
                 step(30 + i)
             torch.cuda.synchronize()
-    print(f"compiled 2-layer decode step: host {host_ms:.2f} ms issue, {wall_ms:.2f} ms wall per step")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    rows.append(dict(call="compiled 2-layer HF decode step (issue time)", host_us=host_ms * 1e3))
-    rows.append(dict(call="compiled 2-layer HF decode step (wall)", host_us=wall_ms * 1e3))
     write_results("host_overhead", rows, ["call", "host_us"],
                   title="Host time per call (no CUDA graphs)",
                   notes=f"Median of {CALLS} calls, no synchronization inside the loop; decode shapes "

@@ -717,8 +717,11 @@ def _emit(graph: fx.Graph, site: Site) -> fx.Node:
 
     with graph.inserting_before(site.anchor):
         # equal-length prompts back to back: sequence b owns rows [b*S, (b+1)*S)
-        cu_seqlens = call(aten.arange.start_step, (0, T + 1, S),
-                          {"dtype": torch.int32, "device": device})
+        # prims.iota, not aten.arange: this node is added after Inductor's decompositions
+        # ran, and arange has only a decomposition (no lowering) there
+        cu_seqlens = call(torch.ops.prims.iota.default, (T // S + 1,),
+                          {"start": 0, "step": S, "dtype": torch.int32, "device": device,
+                           "requires_grad": False})
         op = call(torch.ops.attnfuse.mla_prefill.default,
                   (site.q_nope, site.q_pe, site.ckv, site.k_pe, site.w_uk, site.w_uv, cu_seqlens,
                    S, float(site.scale), site.causal, site.topk_indices, False, "auto"))

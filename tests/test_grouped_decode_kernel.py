@@ -13,7 +13,7 @@ import torch
 from attnfuse.custom_ops.grouped_decode import reference
 from attnfuse.custom_ops.kernels import grouped_decode as kernel_module
 from attnfuse.custom_ops.kernels.grouped_decode import (
-    MAX_KV_SPLITS,
+    AUTO_MAX_KV_SPLITS,
     choose_num_kv_splits,
     grouped_decode_kernel,
 )
@@ -182,7 +182,7 @@ def test_split_rule():
     assert choose_num_kv_splits(16, 1, 1, 32768, 132, wide=True) == 17
     # capped by what a long context can carry, and by the hard maximum
     assert choose_num_kv_splits(1, 8, 1, 1024, 132) == 1024 // 64
-    assert choose_num_kv_splits(1, 1, 1, 1 << 20, 132) == MAX_KV_SPLITS
+    assert choose_num_kv_splits(1, 1, 1, 1 << 20, 132) == AUTO_MAX_KV_SPLITS
     # a batch that already fills the GPU is not split
     assert choose_num_kv_splits(64, 8, 1, 32768, 132) == 1
     assert choose_num_kv_splits(1 << 12, 8, 1, 32768, 132) == 1

@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launcher
+
 # ------------------------------------------------------------------ named limits
 #: tl.dot needs at least 16 rows; a tile of query heads is padded up to this
 MIN_BLOCK_H = 16
@@ -66,8 +68,10 @@ WIDE_HEAD_DIM = 256
 #: a split shorter than this costs more in partial writes and merging than it gains;
 #: H100, GQA B=1 ctx 1k: 16 splits of 64 positions 6.5 us, 4 splits of 256 10.6 us
 MIN_KV_PER_SPLIT = 64
-#: upper bound of the split count; stage 2 merges MERGE_CHUNK splits per step
-MAX_KV_SPLITS = 128
+#: upper bound of the automatic split count; stage 2 merges MERGE_CHUNK splits per step
+AUTO_MAX_KV_SPLITS = 128
+#: upper bound of a forced split count (tests, tuning)
+MAX_KV_SPLITS = 512
 MERGE_CHUNK = 32
 #: output features one stage-2 program merges: at batch 1 the (B, Hq) merge grid is only
 #: Hq programs, each reading splits x Dv fp32 partials; cutting Dv spreads that over SMs
@@ -306,7 +310,7 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     (``..._WIDE`` for wide latent rows, of which fewer programs fit on one SM), so a
     batch that already fills the GPU gets 1 split. It is bounded by ``capacity /
     MIN_KV_PER_SPLIT`` (each split must carry enough KV to amortize its partial write
-    and merge) and by ``MAX_KV_SPLITS``. ``capacity`` is the static bound of the
+    and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is the static bound of the
     sequence length (cache length, or pages x page size): the actual per-sequence
     lengths live on the device and reading them would synchronize; stage 1 divides each
     sequence's own length by the split count, so ragged batches stay balanced.
@@ -316,7 +320,7 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     programs = max(programs, 1)
     wanted = (per_sm * num_sms + programs // 2) // programs  # nearest whole multiple
     worthwhile = max(capacity // MIN_KV_PER_SPLIT, 1)
-    return max(1, min(wanted, worthwhile, MAX_KV_SPLITS))
+    return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
 
 
 def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_k: int,
@@ -364,6 +368,9 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 
 
 # ------------------------------------------------------------------ launcher
+_STAGE1 = Launcher(_grouped_decode_stage1)
+_STAGE2 = Launcher(_grouped_decode_stage2)
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -438,40 +445,42 @@ def grouped_decode_kernel(
     tiles_per_group = triton.cdiv(group_size, config.block_h)
     has_window = window is not None and window >= 0
 
-    _grouped_decode_stage1[(batch, num_kv_heads * tiles_per_group, splits)](
-        q, k_cache, v, block_table if paged else dummy_int,
-        seq_lens if seq_lens is not None else dummy_int, mask_arg,
-        k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
-        partial_out, partial_lse, out, lse,
-        scale, softcap, window if has_window else 0, capacity, group_size,
-        tiles_per_group,
-        q.stride(0), q.stride(1),
-        k0, k1, kh, v0, v1, vh,
-        block_table.stride(0) if paged else 0, stride_mb, stride_ms,
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2) if splits > 1 else 0,
-        partial_lse.stride(0), partial_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DA=head_da, HEAD_DT=head_dt, HEAD_DV=head_dv,
-        BLOCK_DA=block_da, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
-        BLOCK_H=config.block_h, BLOCK_N=config.block_n, NUM_SPLITS=splits,
-        PAGE_SIZE=page_size, PAGED=paged, SHARED_KV=shared_kv,
-        HAS_SEQLENS=seq_lens is not None, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
-        HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
-        HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
+    _STAGE1(
+        (batch, num_kv_heads * tiles_per_group, splits),
+        (q, k_cache, v, block_table if paged else dummy_int,
+         seq_lens if seq_lens is not None else dummy_int, mask_arg,
+         k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
+         partial_out, partial_lse, out, lse,
+         scale, softcap, window if has_window else 0, capacity, group_size,
+         tiles_per_group,
+         q.stride(0), q.stride(1),
+         k0, k1, kh, v0, v1, vh,
+         block_table.stride(0) if paged else 0, stride_mb, stride_ms,
+         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2) if splits > 1 else 0,
+         partial_lse.stride(0), partial_lse.stride(1),
+         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+        dict(HEAD_DA=head_da, HEAD_DT=head_dt, HEAD_DV=head_dv,
+             BLOCK_DA=block_da, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
+             BLOCK_H=config.block_h, BLOCK_N=config.block_n, NUM_SPLITS=splits,
+             PAGE_SIZE=page_size, PAGED=paged, SHARED_KV=shared_kv,
+             HAS_SEQLENS=seq_lens is not None, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
+             HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
+             HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
         merge_dv = min(block_dv, MERGE_DV_CHUNK)
-        _grouped_decode_stage2[(batch, num_q_heads, triton.cdiv(head_dv, merge_dv))](
-            partial_out, partial_lse, seq_lens if seq_lens is not None else dummy_int, out, lse,
-            capacity, window if has_window else 0,
-            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-            partial_lse.stride(0), partial_lse.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
-            BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
-            SPLIT_ALIGN=config.block_n,
-            HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window,
+        _STAGE2(
+            (batch, num_q_heads, triton.cdiv(head_dv, merge_dv)),
+            (partial_out, partial_lse, seq_lens if seq_lens is not None else dummy_int, out, lse,
+             capacity, window if has_window else 0,
+             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+             partial_lse.stride(0), partial_lse.stride(1),
+             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+            dict(HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
+                 BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
+                 SPLIT_ALIGN=config.block_n,
+                 HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
             num_warps=4,
         )
     return out, lse, config

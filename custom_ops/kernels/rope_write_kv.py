@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launcher
+
 #: programs a launch should reach before head tiles stop being split: two waves on a
 #: 132-SM H100, enough to hide the memory latency of the short per-program work
 TARGET_PROGRAMS = 264
@@ -267,6 +269,9 @@ def _rope_write_kv_kernel(
                      QUANTIZE_V, V_QMAX)
 
 
+_ROPE_WRITE_KV = Launcher(_rope_write_kv_kernel)
+
+
 def rope_write_kv_launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_out: torch.Tensor, k_out: torch.Tensor | None,
@@ -299,23 +304,24 @@ def rope_write_kv_launch(
     ko = k_out if k_out is not None else q_out  # unused when RETURN_K is off
     half = rotary_dim // 2
     grid = (num_tokens, cfg.num_head_tiles)
-    _rope_write_kv_kernel[grid](
-        q, k, v, cos, sin, positions if positions is not None else index, index,
-        q_out, ko, k_cache, v_cache,
-        k_scale if k_scale is not None else q_out, v_scale if v_scale is not None else q_out,
-        seq_len, num_q_heads, num_kv_heads, page_size,
-        *st["q"][:3], *st["k"][:3], *st["v"][:3],
-        *st["cos"][:2], *st["sin"][:2], *st.get("positions", (0, 0)), *st["index"],
-        *st["k_cache"][:3], *st["v_cache"][:3],
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, ROTARY_DIM=rotary_dim,
-        BLOCK_HQ=cfg.block_hq, BLOCK_HKV=cfg.block_hkv,
-        BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-        BLOCK_TAIL=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        BLOCK_DV=triton.next_power_of_2(head_dim_v),
-        INTERLEAVED=interleaved, COS_FULL_WIDTH=cos_width == rotary_dim,
-        HAS_POSITIONS=positions is not None, INDEX_IS_POSITION=index_is_position,
-        RETURN_K=k_out is not None,
-        QUANTIZE_K=k_cache.dtype in FP8_DTYPES, QUANTIZE_V=v_cache.dtype in FP8_DTYPES,
-        K_QMAX=FP8_MAX.get(k_cache.dtype, 0.0), V_QMAX=FP8_MAX.get(v_cache.dtype, 0.0),
+    _ROPE_WRITE_KV(
+        grid,
+        (q, k, v, cos, sin, positions if positions is not None else index, index,
+         q_out, ko, k_cache, v_cache,
+         k_scale if k_scale is not None else q_out, v_scale if v_scale is not None else q_out,
+         seq_len, num_q_heads, num_kv_heads, page_size,
+         *st["q"][:3], *st["k"][:3], *st["v"][:3],
+         *st["cos"][:2], *st["sin"][:2], *st.get("positions", (0, 0)), *st["index"],
+         *st["k_cache"][:3], *st["v_cache"][:3]),
+        dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, ROTARY_DIM=rotary_dim,
+             BLOCK_HQ=cfg.block_hq, BLOCK_HKV=cfg.block_hkv,
+             BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
+             BLOCK_TAIL=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+             BLOCK_DV=triton.next_power_of_2(head_dim_v),
+             INTERLEAVED=interleaved, COS_FULL_WIDTH=cos_width == rotary_dim,
+             HAS_POSITIONS=positions is not None, INDEX_IS_POSITION=index_is_position,
+             RETURN_K=k_out is not None,
+             QUANTIZE_K=k_cache.dtype in FP8_DTYPES, QUANTIZE_V=v_cache.dtype in FP8_DTYPES,
+             K_QMAX=FP8_MAX.get(k_cache.dtype, 0.0), V_QMAX=FP8_MAX.get(v_cache.dtype, 0.0)),
         num_warps=cfg.num_warps,
     )

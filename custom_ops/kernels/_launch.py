@@ -1,0 +1,102 @@
+"""Cheap repeated launches of a Triton kernel (host time per decode step).
+
+``kernel[grid](*args, **constexprs)`` re-derives Triton's specialization of every argument
+on each call (divisibility of ints and pointers, int widths), builds a cache key and looks
+up the compiled kernel. For a 45-argument kernel that costs more host time than the
+kernel runs at decode (``benchmarks/results/host_overhead.md``). A ``Launcher`` keeps the
+compiled kernel Triton returned for a call under a key that is *finer* than Triton's own
+specialization, and launches it directly the next time the key repeats:
+
+* a tensor contributes its dtype and whether its address is 16-byte aligned;
+* an int contributes its value (strides and sizes repeat exactly from step to step);
+* a float contributes only its type (Triton never specializes on float values);
+* constexprs, ``num_warps``, ``num_stages`` and the device contribute their values.
+
+Two calls with the same key therefore get the same specialization from Triton, hence the
+same compiled kernel, so launching that kernel directly is what ``kernel[grid]`` would
+have done. A miss (first call, or a new key) goes through ``kernel[grid]`` unchanged,
+which compiles if needed and returns the kernel that is then remembered.
+
+The direct path is taken only where it is known to be equivalent: a CUDA device, a
+Triton whose ``JITFunction.run`` returns the compiled kernel and launches it through
+``CompiledKernel.run``, and no launch hooks installed (profilers such as proton add them;
+then every call takes the ordinary path). With no hook the direct path passes no launch
+metadata, which Triton itself would build and hand to empty hooks on every call. ``ATTNFUSE_FAST_LAUNCH=0`` turns the direct
+path off (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+try:  # the direct path needs Triton's runtime knobs (Triton >= 3.4)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: ordinary launches only
+    _knobs = None
+
+#: entries kept per kernel before the table is cleared (keys hold ints such as token
+#: counts, so a long-running prefill sweep must not grow it without bound)
+MAX_ENTRIES = 1024
+
+
+def fast_launch_enabled() -> bool:
+    return os.environ.get("ATTNFUSE_FAST_LAUNCH", "1") != "0"
+
+
+def _no_hook(hook: Any) -> bool:
+    """No launch hook installed: ``None`` (older Triton) or an empty ``HookChain``."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _arg_key(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, (a.data_ptr() & 15) == 0)
+    if isinstance(a, float):
+        return float
+    return a  # int, bool, None
+
+
+class Launcher:
+    """``Launcher(jit_fn)(grid, args, constexprs, num_warps=..., num_stages=...)``.
+
+    ``args`` are the runtime arguments in signature order; ``constexprs`` the keyword
+    constexprs, which must be the kernel's trailing parameters (checked once).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self._cache: dict[tuple, tuple[Any, tuple]] = {}
+        self._names: list[str] | None = list(getattr(fn, "arg_names", None) or []) or None
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any], *,
+                 num_warps: int, num_stages: int = 3) -> None:
+        device = args[0].device if isinstance(args[0], torch.Tensor) else None
+        direct = (device is not None and device.type == "cuda" and self._names is not None
+                  and _knobs is not None and fast_launch_enabled()
+                  and _no_hook(_knobs.runtime.launch_enter_hook)
+                  and _no_hook(_knobs.runtime.launch_exit_hook))
+        if direct:
+            key = (device.index, num_warps, num_stages, *map(_arg_key, args),
+                   *constexprs.values())
+            hit = self._cache.get(key)
+            if hit is not None:
+                kernel, tail = hit
+                g0 = grid[0]
+                g1 = grid[1] if len(grid) > 1 else 1
+                g2 = grid[2] if len(grid) > 2 else 1
+                stream = torch._C._cuda_getCurrentRawStream(device.index)
+                kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
+                           None, None, None, *args, *tail)
+                return
+        kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps,
+                               num_stages=num_stages)
+        if direct and kernel is not None and hasattr(kernel, "packed_metadata"):
+            tail_names = self._names[len(args):]
+            if sorted(tail_names) != sorted(constexprs):
+                return  # not trailing constexprs: keep the ordinary path for this kernel
+            if len(self._cache) >= MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[key] = (kernel, tuple(constexprs[n] for n in tail_names))
