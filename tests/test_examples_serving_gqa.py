@@ -43,10 +43,9 @@ PREFILL_LAYER = LayerExpectation(fired={"rope_kv_write": 1},
 EXPECTED_LAYERS = {
     # SDPA over the gathered, repeated pages becomes the grouped kernel
     "sdpa": [PREFILL_LAYER, LayerExpectation(fired={"rope_kv_write": 1, "grouped_decode": 1})],
-    # the matmul, fp32 softmax, matmul spelling is refused today, with the reason that
-    # its score term is not a bmm
-    "matmul": [PREFILL_LAYER, LayerExpectation(
-        fired={"rope_kv_write": 1}, near_misses={"grouped_decode": "score term is not a bmm"})],
+    # the matmul, fp32 softmax, matmul spelling (masked_fill(~valid, -inf)) becomes the
+    # grouped kernel too, its bool mask carried into the op
+    "matmul": [PREFILL_LAYER, LayerExpectation(fired={"rope_kv_write": 1, "grouped_decode": 1})],
 }
 
 VARIANTS = [
