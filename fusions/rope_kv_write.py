@@ -28,8 +28,10 @@ paged HND), through a ``reshape`` to ``(blocks * page, H, D)`` and back (a paged
 written by slot), or, when K and V are halves of one buffer (``kv[0]``, ``kv[1]``),
 through the ``select -> reshape -> index_put -> reshape -> select_scatter`` chain of each
 half; those become ``auto_functionalized_v2`` with both caches as views of the buffer.
-Opaque functional RoPE ops declared with ``register_rope_op`` are read through their
-declared signature.
+MLA's latent caches, ``(slots, kv_lora_rank)`` for the latent ``ckv`` and ``(slots,
+rope_dim)`` for the rotated ``k_pe``, written by slot with no head axis, become the op's
+one-head ``flat`` layout: ``k_pe`` (one shared RoPE key) is k and ``ckv`` is v, each
+given a head axis of one; q is ``q_pe`` with its heads.
 
 RoPE forms are recognized by meaning, not by spelling: from the written k value the
 walker evaluates the subgraph symbolically, feature by feature (slices, split, cat,
@@ -43,9 +45,28 @@ from the result. That covers rotate-half with ``neg``/``cat`` (HF), the chunk fo
 ``sub`` (vLLM/SGLang native), GPT-J's ``stack``/``flatten``, partial rotary, cos/sin
 computed in the graph or passed in, and fp32 upcast with a cast back. A RoPE that runs
 before a ``permute`` into the cache layout (GPT-J) is followed through the permute.
+When the output is such a RoPE of x's features in another order, ``y = rope(x[...,
+perm])`` (HF DeepSeek-V3 rotates interleaved pairs and writes them out de-interleaved:
+``cat([x[0::2] c - x[1::2] s, x[1::2] c + x[0::2] s])``, a neox rotation of the
+de-interleaved x), the op is given ``x[..., perm]`` (a concatenation of strided slices,
+at most ``MAX_PERMUTATION_RUNS`` of them) and computes exactly the graph's output layout.
 
-q is the rotation with the same cos/sin (structurally equal nodes) whose input shares the
-nearest ancestor with k's input; v is the value written with the same index nodes into
+Opaque RoPE ops are read through a declared signature (``register_rope_op``):
+functional ones ``(q, k, ...) -> (q_rot, k_rot)`` and in-place ones that rotate query
+and key where they lie, as FlashInfer's ``apply_rope_with_cos_sin_cache_inplace`` does
+(``FLASHINFER_ROPE_SPEC``; the serving-engine ops in ``KNOWN_ROPE_OPS`` are declared
+when they exist). After functionalization an in-place call is
+``auto_functionalized_v2(op, _query_base_index=..., _query_slice_dim=..., _all_bases=[qkv])``
+(or ``auto_functionalized`` v1, whose views are put back with ``slice_scatter``); every
+later read of its buffers must be exactly the rotated query, exactly the rotated key, or
+a part the op does not write (v in a fused qkv buffer), which the rewrite reads from the
+buffer before the call. Query and key given as ``(T, H * head_size)`` are reshaped to
+``(T, H, head_size)`` for the op and back for their readers.
+
+q is the rotation with the same cos/sin (structurally equal nodes, or views of one node
+that only add size-1 axes or cast it alike, as MLA's ``cos[:, None]`` for q against
+``cos`` for the headless ``k_pe``, provided the rows land on the same token axes), not
+written to a cache itself, whose input shares the nearest ancestor with k's input; v is the value written with the same index nodes into
 a cache of the same layout, again the nearest by ancestry. HF's StaticCache takes RoPE
 positions from layer 0's counter and each layer's write index from its own, so the link
 between RoPE and write is the data flow of the rotated k into ``index_put``, never a
@@ -58,7 +79,12 @@ rotated k (or an intermediate of its rotation) also consumed in a form the op do
 return; q missing, or rotated with other cos/sin; mixed dtypes the op cannot honour;
 cos/sin that vary per head; a shared K/V buffer read between the two writes; write forms
 other than the ones above (an index that is not 1-D integer tensors, accumulating
-writes, a cache of rank 2 such as MLA's latent cache, fp8 quantization in the graph).
+writes, a one-head cache written through a ``(slots, features)`` view of a paged cache,
+fp8 quantization in the graph); a RoPE of permuted features whose permutation needs more
+than ``MAX_PERMUTATION_RUNS`` strided slices; for in-place RoPE ops, a read of their
+buffer that straddles the rotated query or key, v computed from the rotated buffer,
+query/key given as ``as_strided`` views, or views in a ``(T, H, D)`` layout the op's
+``view(T, -1, head_size)`` would not produce.
 A negative slot or offset is wrapped as ``index_put`` does (the op itself treats
 negative slots as padding), so the rewrite computes what the graph did.
 
@@ -75,7 +101,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..custom_ops import rope_write_kv as _rope_op  # noqa: F401  (registers the op)
 from .base import Fusion, SiteRecorder, fake_value
@@ -90,6 +116,9 @@ MAX_ROPE_NODES = 64
 #: attention share their input (the normed hidden state or a fused qkv projection) within
 #: a handful of reshapes and a matmul
 MAX_ANCESTOR_DEPTH = 12
+#: strided slices a permutation of the input features may take (DeepSeek's
+#: de-interleave takes 2, 3 with partial rotary); anything less regular is refused
+MAX_PERMUTATION_RUNS = 4
 #: depth of the structural comparison of cos/sin nodes used by q and by k
 MAX_SAME_VALUE_DEPTH = 10
 #: forward steps from a shared cos/sin node to the end of a q rotation
@@ -161,21 +190,39 @@ class RopeMatch:
     leaf_feat_dims: dict[fx.Node, int]
     #: the nodes strictly between x and y (cos/sin side excluded)
     chain: set[fx.Node] = field(default_factory=set)
-    #: an opaque RoPE op (``register_rope_op``): its node, and the positions it reads
-    #: ``cos``/``sin`` from (both then name the ``[cos | sin]`` cache)
+    #: an opaque RoPE op (``register_rope_op``): its node (the ``auto_functionalized``
+    #: node of an in-place one), and the positions it reads ``cos``/``sin`` from (both
+    #: then name the ``[cos | sin]`` cache)
     opaque: fx.Node | None = None
     positions: fx.Node | None = None
+    #: the rotation reads x's features in this order (``y = rope(x[..., x_perm])``)
+    x_perm: tuple[int, ...] | None = None
+    #: opaque ops: how x becomes the op's ``(T, H, D)`` input (``(target, args)`` steps:
+    #: a slice out of an in-place op's buffer, a reshape of ``(T, H * D)``), that shape,
+    #: and the nodes that hold the rotated tensor, each ``reshape(rotated, node.shape)``
+    x_steps: tuple[tuple[Any, tuple[Any, ...]], ...] = ()
+    op_shape: tuple[Any, ...] | None = None
+    outs: list[fx.Node] = field(default_factory=list)
+    #: opaque ops: the q rotation of the same call
+    partner: RopeMatch | None = None
+    #: in-place opaque ops: how the op's buffers are read (see ``_InplaceRope``)
+    inplace: _InplaceRope | None = None
 
 
 @dataclass(frozen=True)
 class RopeOpSpec:
-    """How to read an opaque, functional RoPE custom op ``(q, k, ...) -> (q_rot, k_rot)``.
+    """How to read an opaque RoPE custom op.
 
     Serving code often wraps a RoPE kernel in its own ``torch.library`` op; the pass cannot
-    look inside it, so the op's meaning is declared: argument names of the ``(T, H, D)``
-    query and key, the ``(T,)`` positions and the ``(max_pos, rotary_dim)`` cos/sin cache
-    (cos half, then sin half: the vLLM/FlashInfer convention), the style (an argument
-    name holding ``is_neox``, or a constant) and which outputs are q and k.
+    look inside it, so the op's meaning is declared: argument names of the query and key
+    (``(T, H, D)``, or ``(T, H * D)`` with ``head_size`` naming the argument that holds
+    ``D``), the ``(T,)`` positions and the ``(max_pos, rotary_dim)`` cos/sin cache (cos
+    half, then sin half: the vLLM/FlashInfer convention), the style (an argument name
+    holding ``is_neox``, or a constant) and, for a functional op ``(q, k, ...) -> (q_rot,
+    k_rot)``, which outputs are q and k. An op whose schema marks query and key as
+    mutated (``Tensor(a!)``) rotates them in place, as FlashInfer's
+    ``apply_rope_with_cos_sin_cache_inplace`` does; after functionalization it appears as
+    ``auto_functionalized``/``auto_functionalized_v2`` and is read through that.
     """
 
     query: str
@@ -184,66 +231,437 @@ class RopeOpSpec:
     cos_sin_cache: str
     is_neox: str | bool = True
     outputs: tuple[int, int] = (0, 1)
+    head_size: str | None = None
 
+
+#: FlashInfer's in-place RoPE ``apply_rope_with_cos_sin_cache_inplace(positions, query,
+#: key, head_size, cos_sin_cache, is_neox)``: query/key ``(T, H * head_size)`` rotated in
+#: place. FlashInfer 0.7 registers no torch op for it (its registration helper returns the
+#: plain function), so it reaches a graph only inside an op that serving code registers
+#: around it, with these argument names; vLLM's own ``_C::rotary_embedding`` has them too.
+FLASHINFER_ROPE_SPEC = RopeOpSpec(query="query", key="key", positions="positions",
+                                  cos_sin_cache="cos_sin_cache", is_neox="is_neox",
+                                  head_size="head_size")
+
+#: in-place RoPE ops that serving engines register, declared when they exist (looked up
+#: by name at each run, so importing the engine after attnfuse is enough)
+KNOWN_ROPE_OPS: dict[str, RopeOpSpec] = {
+    "vllm::flashinfer_rotary_embedding": FLASHINFER_ROPE_SPEC,
+    "_C::rotary_embedding": FLASHINFER_ROPE_SPEC,
+}
 
 #: opaque RoPE ops the pass understands, by OpOverload (see ``register_rope_op``)
 _ROPE_OPS: dict[Any, RopeOpSpec] = {}
 
 
 def register_rope_op(op: Any, spec: RopeOpSpec) -> None:
-    """Declare an opaque functional RoPE op so that ``rope_kv_write`` can fuse it.
+    """Declare an opaque RoPE op (functional or in-place) so that ``rope_kv_write`` can
+    fuse it.
 
     >>> register_rope_op(torch.ops.mylib.rope.default,
     ...                  RopeOpSpec(query="q", key="k", positions="pos", cos_sin_cache="cache"))
     """
     if not isinstance(op, torch._ops.OpOverload):
-        raise ValueError(f"op: expected a torch OpOverload (torch.ops.ns.name.default), got {op!r}")
-    names = {a.name for a in op._schema.arguments}
-    for field_name in ("query", "key", "positions", "cos_sin_cache"):
-        if getattr(spec, field_name) not in names:
+        # the project's convention for bad arguments, type or value: ValueError naming it
+        raise ValueError(  # noqa: TRY004
+            f"op: expected a torch OpOverload (torch.ops.ns.name.default), got {op!r}")
+    args = {a.name: a for a in op._schema.arguments}
+    for field_name in ("query", "key", "positions", "cos_sin_cache", "head_size"):
+        name = getattr(spec, field_name)
+        if name is not None and name not in args:
             raise ValueError(f"spec.{field_name}: expected an argument of {op}, got "
-                             f"{getattr(spec, field_name)!r} (arguments: {sorted(names)})")
+                             f"{name!r} (arguments: {sorted(args)})")
+    writes = [_mutated(args[spec.query]), _mutated(args[spec.key])]
+    if any(writes) and not all(writes):
+        raise ValueError(f"spec: expected {op} to rotate query and key both in place or both "
+                         f"functionally, got query mutated={writes[0]}, key mutated={writes[1]}")
     _ROPE_OPS[op] = spec
 
 
-def _opaque_arg(node: fx.Node, name: str) -> Any:
-    schema = node.target._schema
+def register_known_rope_ops(table: dict[str, RopeOpSpec] | None = None) -> list[Any]:
+    """Declare the ops of ``table`` (default ``KNOWN_ROPE_OPS``: ``"ns::name"`` -> spec)
+    that exist in this process; returns them. ``rope_kv_write`` calls it on every run."""
+    found = []
+    for qualname, spec in (KNOWN_ROPE_OPS if table is None else table).items():
+        ns, _, name = qualname.partition("::")
+        try:
+            op = getattr(getattr(torch.ops, ns), name).default
+        except (AttributeError, RuntimeError):
+            continue  # the engine that registers it is not loaded
+        if op not in _ROPE_OPS:
+            register_rope_op(op, spec)
+        found.append(op)
+    return found
+
+
+def _mutated(arg: Any) -> bool:
+    return arg.alias_info is not None and arg.alias_info.is_write
+
+
+def _opaque_arg(node: fx.Node, name: str, op: Any = None) -> Any:
+    """Argument ``name`` of an op call (``op``: the op under an ``auto_functionalized``
+    node, whose arguments are all keywords)."""
+    schema = (op or node.target)._schema
+    args = () if op is not None else node.args
     for i, a in enumerate(schema.arguments):
         if a.name == name:
             if name in node.kwargs:
                 return node.kwargs[name]
-            if i < len(node.args):
-                return node.args[i]
+            if i < len(args):
+                return args[i]
             return a.default_value
     return None
 
 
+def _opaque_params(node: fx.Node, spec: RopeOpSpec, op: Any = None) -> tuple | str:
+    """(cos/sin cache, positions, style, head size or None) of an opaque call, or why not."""
+    cache = _opaque_arg(node, spec.cos_sin_cache, op)
+    positions = _opaque_arg(node, spec.positions, op)
+    neox = spec.is_neox if isinstance(spec.is_neox, bool) else _opaque_arg(node, spec.is_neox, op)
+    head = _opaque_arg(node, spec.head_size, op) if spec.head_size is not None else None
+    name = op or node.target
+    if not all(isinstance(a, fx.Node) for a in (cache, positions)) or not isinstance(neox, bool) \
+            or not (head is None or isinstance(head, int)):
+        return f"{name}: arguments not understood"
+    cshape = _shape(cache)
+    if cshape is None or len(cshape) != 2 or not isinstance(cshape[1], int) or cshape[1] % 2:
+        return f"{name}: cos/sin cache of shape {cshape}"
+    return cache, positions, "neox" if neox else "interleaved", head
+
+
+def _heads_view(shape: tuple[Any, ...] | None, head: int | None) -> tuple[Any, ...] | str:
+    """The ``(T, H, D)`` shape an opaque op sees for a query/key of ``shape``."""
+    if shape is None:
+        return "no shape"
+    if len(shape) == 3 and (head is None or shape[2] == head):
+        return shape
+    if len(shape) == 2 and head is not None and isinstance(shape[1], int) and shape[1] % head == 0:
+        return (shape[0], shape[1] // head, head)
+    want = "(T, H, D)" if head is None else f"(T, H, {head}) or (T, H * {head})"
+    return f"shape {shape}, expected {want}"
+
+
+def _reshape_steps(shape: tuple[Any, ...], view: tuple[Any, ...]) -> tuple:
+    # -1 for the token count, which may be symbolic
+    return () if tuple(shape) == tuple(view) else ((aten.reshape.default, ([-1, *view[1:]],)),)
+
+
+_VIEW_CHAIN = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+#: reshapes walked back from a written value to an opaque op's output
+MAX_OPAQUE_RESHAPES = 4
+
+
 def _match_opaque(y: fx.Node) -> RopeMatch | str | None:
-    """``y = getitem(op(...), i)`` of a registered RoPE op, or None when it is not one."""
-    if y.target is not operator.getitem or not isinstance(y.args[0], fx.Node):
+    """``y = reshape*(out)`` with ``out`` the q or k output of a declared RoPE op (for an
+    in-place op, a read of its rotated buffer), or None when it is no such thing."""
+    chain: list[fx.Node] = []
+    out = y
+    while out.target in _VIEW_CHAIN and isinstance(out.args[0], fx.Node) \
+            and len(chain) < MAX_OPAQUE_RESHAPES:
+        chain.append(out)
+        out = out.args[0]
+    inplace = _inplace_read(out)
+    if inplace is not None:
+        return inplace if isinstance(inplace, str) else _match_inplace(y, out, chain, *inplace)
+    if out.target is not operator.getitem or not isinstance(out.args[0], fx.Node):
         return None
-    node, out = y.args[0], y.args[1]
+    node, index = out.args[0], out.args[1]
     spec = _ROPE_OPS.get(node.target)
     if spec is None:
         return None
-    if out not in spec.outputs:
-        return f"output {out} of {node.target} is not its q or k"
-    x = _opaque_arg(node, spec.query if out == spec.outputs[0] else spec.key)
-    cache = _opaque_arg(node, spec.cos_sin_cache)
-    positions = _opaque_arg(node, spec.positions)
-    neox = spec.is_neox if isinstance(spec.is_neox, bool) else _opaque_arg(node, spec.is_neox)
-    if not all(isinstance(a, fx.Node) for a in (x, cache, positions)) or not isinstance(neox, bool):
-        return f"{node.target}: arguments not understood"
-    cshape = _shape(cache)
-    if cshape is None or len(cshape) != 2 or cshape[1] % 2:
-        return f"{node.target}: cos/sin cache of shape {cshape}"
-    return RopeMatch(x, y, cache, cache, "neox" if neox else "interleaved", cshape[1], True, {},
-                     set(), opaque=node, positions=positions)
+    if index not in spec.outputs:
+        return f"output {index} of {node.target} is not its q or k"
+    params = _opaque_params(node, spec)
+    if isinstance(params, str):
+        return params
+    cache, positions, style, head = params
+    matches = []
+    for which, arg_name in zip(spec.outputs, (spec.query, spec.key)):
+        x = _opaque_arg(node, arg_name)
+        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == which]
+        if not isinstance(x, fx.Node) or len(outs) != 1:
+            return f"{node.target}: output {which} not read exactly once"
+        view = _heads_view(_shape(x), head)
+        if isinstance(view, str):
+            return f"{node.target}: {arg_name} of {view}"
+        m = RopeMatch(x, outs[0], cache, cache, style, _cache_width(cache), True, {}, set(),
+                      opaque=node, positions=positions, x_steps=_reshape_steps(_shape(x), view),
+                      op_shape=view, outs=[outs[0]])
+        matches.append(m)
+    q, k = matches
+    if index == spec.outputs[0]:
+        return q  # a write of the rotated query: paired with nothing
+    if _shape(y) != k.op_shape:
+        return f"written value {_shape(y)} is not the rotated key as (T, H, D) {k.op_shape}"
+    k.y, k.chain, k.partner = y, set(chain[1:]) | ({out} if chain else set()), q
+    return k
+
+
+def _cache_width(cache: fx.Node) -> int:
+    return _shape(cache)[1]
+
+
+# ---------------------------------------------------------------- in-place RoPE ops
+@dataclass
+class _InplaceRope:
+    """How an ``auto_functionalized(_v2)`` call of an in-place RoPE op is read.
+
+    ``bases`` are the tensors the op writes into (v2: ``_all_bases``; v1: the query and
+    key arguments themselves) and ``new_bases`` the getitems holding them afterwards.
+    Each of query and key is ``region`` of one base: ``None`` for all of it or ``(dim,
+    start, end)``. Every read of a new base is a *piece*: exactly the rotated query, the
+    rotated key, or a region the op does not write (``other``, read from the old base
+    after the rewrite)."""
+
+    node: fx.Node
+    op: Any
+    spec: RopeOpSpec
+    bases: list[fx.Node]
+    new_bases: dict[fx.Node, int]  # getitem -> base index
+    views: dict[str, tuple[int, tuple[int, int, int] | None]]  # "q"/"k" -> (base, region)
+    pieces: dict[str, list[fx.Node]]  # "q"/"k"/"other" -> nodes holding that region
+    owned: list[fx.Node] = field(default_factory=list)  # its getitems (and scatters)
+
+
+def _inplace_read(node: fx.Node) -> tuple[_InplaceRope, str] | str | None:
+    """For a node reading a buffer an in-place RoPE op wrote: the op and which part it
+    reads ("q", "k" or "other"); a reason when the reads cannot be told apart; None when
+    ``node`` reads no such buffer."""
+    from torch._higher_order_ops.auto_functionalize import (
+        auto_functionalized,
+        auto_functionalized_v2,
+    )
+
+    new_base = node
+    if node.target in (aten.slice.Tensor, operator.getitem) and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        if node.target is operator.getitem and src.target in (aten.split.Tensor,
+                                                              aten.split_with_sizes.default):
+            new_base = src.args[0]
+        elif node.target is aten.slice.Tensor:
+            new_base = src
+    calls = (auto_functionalized, auto_functionalized_v2)
+    if new_base.target is aten.slice_scatter.default:  # v1 puts views back by scatter
+        new_base = new_base.args[1]
+    if not (isinstance(new_base, fx.Node) and new_base.target is operator.getitem
+            and isinstance(new_base.args[0], fx.Node) and new_base.args[0].target in calls):
+        return None
+    af = new_base.args[0]
+    if af.args[0] not in _ROPE_OPS:
+        return None
+    info = _analyse_inplace(af)
+    if isinstance(info, str):
+        return info
+    for kind, nodes in info.pieces.items():
+        if node in nodes:
+            return info, kind
+    return f"{af.args[0]}: {node.name} is not one of the reads of its buffers"
+
+
+def _region(node: fx.Node, base_shape: tuple[Any, ...]) -> tuple[int, int, int] | None | str:
+    """The part of a buffer of ``base_shape`` a piece (a slice, or a getitem of a split
+    of it) reads: ``(dim, start, end)``, or the kind of read it is not."""
+    if node.target is aten.slice.Tensor:
+        args = [*node.args, None, None, None, None][:5]
+        return _slice_region(args[1], args[2], args[3], args[4], base_shape)
+    split = node.args[0]  # getitem of split
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    dim %= len(base_shape)
+    size = base_shape[dim]
+    if not isinstance(size, int):
+        return "split of a symbolic dim"
+    if split.target is aten.split.Tensor:
+        sizes = [min(split.args[1], size - o) for o in range(0, size, split.args[1])]
+    else:
+        sizes = list(split.args[1])
+    start = sum(sizes[: node.args[1]])
+    return (dim, start, start + sizes[node.args[1]])
+
+
+def _slice_region(dim: Any, start: Any, end: Any, step: Any,
+                  base_shape: tuple[Any, ...]) -> tuple[int, int, int] | str:
+    """``slice(dim, start, end, step)`` of ``base_shape`` as ``(dim, start, end)``."""
+    dim = (0 if dim is None else dim) % len(base_shape)
+    start, step = 0 if start is None else start, 1 if step is None else step
+    size = base_shape[dim]
+    if step != 1 or not all(isinstance(v, int) for v in (size, start, 0 if end is None else end)):
+        return "strided or symbolic slice"
+    start = max(0, start + size if start < 0 else start)
+    end = size if end is None else min(size, end + size if end < 0 else end)
+    return (dim, start, max(start, end))
+
+
+def _overlaps(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> bool:
+    if a is None or b is None or a[0] != b[0]:
+        return True
+    return a[1] < b[2] and b[1] < a[2]
+
+
+def _analyse_inplace(af: fx.Node) -> _InplaceRope | str:
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    op = af.args[0]
+    spec = _ROPE_OPS[op]
+    schema = op._schema
+    mutable = [a.name for a in schema.arguments if _mutated(a)]
+    if sorted(mutable) != sorted((spec.query, spec.key)):
+        return f"{op}: mutates {mutable}, expected the query and key only"
+    n_out = max(1, len(schema.returns))
+    views: dict[str, tuple[int, Any]] = {}
+    if af.target is auto_functionalized_v2:
+        bases = list(af.kwargs.get("_all_bases", []))
+        for kind, name in (("q", spec.query), ("k", spec.key)):
+            index = af.kwargs.get(f"_{name}_base_index")
+            if not isinstance(index, int):
+                return f"{op}: {name} is not a view of a known buffer"
+            if f"_{name}_storage_offset" in af.kwargs:
+                return f"{op}: {name} is an as_strided view of its buffer"
+            if f"_{name}_slice_dim" in af.kwargs:
+                dim = af.kwargs[f"_{name}_slice_dim"]
+                start, end = af.kwargs[f"_{name}_slice_start"], af.kwargs[f"_{name}_slice_end"]
+                if not all(isinstance(v, int) for v in (dim, start, end)):
+                    return f"{op}: {name} is a symbolic slice of its buffer"
+                shape = _shape(bases[index])
+                views[kind] = (index, (dim % len(shape), start, end))
+            else:
+                views[kind] = (index, None)
+    else:  # v1: the mutated arguments themselves, in schema order, after the outputs
+        bases = [af.kwargs.get(name) for name in mutable]
+        views = {"q": (mutable.index(spec.query), None), "k": (mutable.index(spec.key), None)}
+    if not all(isinstance(b, fx.Node) for b in bases):
+        return f"{op}: a buffer is not a tensor"
+    if views["q"][0] == views["k"][0] and _overlaps(views["q"][1], views["k"][1]):
+        return f"{op}: query and key overlap in one buffer"
+    new_bases: dict[fx.Node, int] = {}
+    for u in af.users:
+        i = u.args[1] - n_out if u.target is operator.getitem else -1
+        if not 0 <= i < len(bases):
+            return f"{op}: output {u.name} is not one of its buffers"
+        new_bases[u] = i
+    owned = [*new_bases]
+    if af.target is not auto_functionalized_v2:
+        scattered = _scattered_back(af, bases, views, new_bases)
+        if isinstance(scattered, str):
+            return f"{op}: {scattered}"
+        if scattered is not None:
+            bases, views, new_bases = scattered
+            owned += list(new_bases)
+    pieces: dict[str, list[fx.Node]] = {"q": [], "k": [], "other": []}
+    for nb, i in new_bases.items():
+        covering = [kind for kind, (b, region) in views.items() if b == i and region is None]
+        if covering:  # the whole buffer is the query (or key): every read reads it
+            pieces[covering[0]].append(nb)
+            continue
+        shape = _shape(nb)
+        for u in nb.users:
+            if u.target is aten.slice.Tensor and u.args[0] is nb:
+                reads = [u]
+            elif u.target in (aten.split.Tensor, aten.split_with_sizes.default) and u.args[0] is nb:
+                reads = list(u.users)
+                if any(r.target is not operator.getitem for r in reads):
+                    return f"{op}: split {u.name} of its buffer read other than by getitem"
+            else:
+                return f"{op}: {u.name} reads its whole buffer, not just the query or key"
+            for r in reads:
+                region = _region(r, shape)
+                if isinstance(region, str):
+                    return f"{op}: {r.name} reads its buffer by a {region}"
+                kinds = [kind for kind, (b, reg) in views.items() if b == i and reg == region]
+                if kinds:
+                    pieces[kinds[0]].append(r)
+                elif any(_overlaps(region, reg) for b, reg in views.values() if b == i):
+                    return f"{op}: {r.name} reads across the query/key it rotates"
+                else:
+                    pieces["other"].append(r)
+    return _InplaceRope(af, op, spec, bases, new_bases, views, pieces, owned)
+
+
+def _scattered_back(af: fx.Node, args: list[fx.Node], views: dict[str, Any],
+                    outs: dict[fx.Node, int]) -> tuple | str | None:
+    """auto_functionalized (v1) of query and key that are views of one buffer: each new
+    value is put back with ``slice_scatter``, and later reads read the last scatter. Read as
+    one buffer (``bases``, ``views``, ``new_bases``), as v2 states it; None when the
+    arguments are not scattered back."""
+    rotated = {i: g for g, i in outs.items()}
+    kinds = {views["q"][0]: "q", views["k"][0]: "k"}
+    users = [u for g in rotated.values() for u in g.users]
+    if not any(u.target is aten.slice_scatter.default for u in users):
+        return None
+    buffer, regions, scatters = None, {}, {}
+    for i, kind in kinds.items():
+        g, arg = rotated.get(i), args[i]
+        scatter = next(iter(g.users)) if g is not None and len(g.users) == 1 else None
+        if scatter is None or scatter.target is not aten.slice_scatter.default:
+            return "a rotated view is read besides being scattered back into its buffer"
+        if arg.target is aten.slice.Tensor:
+            src = arg.args[0]
+        elif arg.target is operator.getitem and arg.args[0].target in (
+                aten.split.Tensor, aten.split_with_sizes.default):
+            src = arg.args[0].args[0]
+        else:
+            return f"{kind} is a view of its buffer other than a slice or split"
+        if buffer not in (None, src):
+            return "query and key are views of different buffers"
+        buffer = src
+        sargs = [*scatter.args, None, None, None, None, None][:6]
+        region = _region(arg, _shape(src))
+        if region != _slice_region(sargs[2], sargs[3], sargs[4], sargs[5], _shape(src)):
+            return f"{kind} is scattered back elsewhere than it was read from"
+        regions[kind], scatters[kind] = region, scatter
+    first, second = (scatters["q"], scatters["k"]) if scatters["k"].args[0] is scatters["q"] \
+        else (scatters["k"], scatters["q"])
+    if first.args[0] is not buffer or second.args[0] is not first or list(first.users) != [second]:
+        return "query and key are not scattered back one after the other into their buffer"
+    return [buffer], {kind: (0, regions[kind]) for kind in ("q", "k")}, {second: 0}
+
+
+def _match_inplace(y: fx.Node, out: fx.Node, chain: list[fx.Node], info: _InplaceRope,
+                   kind: str) -> RopeMatch | str:
+    """The k rotation of an in-place RoPE call whose rotated key ``out`` is written (as
+    ``y = reshape*(out)``)."""
+    if kind == "other":
+        return f"read from a part of {info.op}'s buffer that it does not rotate (not a RoPE output)"
+    if kind == "q":
+        return f"the rotated query of {info.op} (not a key)"
+    params = _opaque_params(info.node, info.spec, info.op)
+    if isinstance(params, str):
+        return params
+    cache, positions, style, head = params
+    matches = {}
+    for which in ("q", "k"):
+        index, region = info.views[which]
+        base = info.bases[index]
+        bshape = _shape(base)
+        shape = bshape if region is None else tuple(
+            region[2] - region[1] if i == region[0] else n for i, n in enumerate(bshape))
+        view = _heads_view(shape, head)
+        if isinstance(view, str):
+            return f"{info.op}: {which} of {view}"
+        steps = () if region is None else ((aten.slice.Tensor, tuple(region)),)
+        if region is not None and region[0] == 0:
+            return f"{info.op}: {which} is a slice of its buffer's token dim"
+        matches[which] = RopeMatch(
+            base, info.node, cache, cache, style, _cache_width(cache), True, {}, set(),
+            opaque=info.node, positions=positions,
+            x_steps=steps + _reshape_steps(shape, view), op_shape=view,
+            outs=list(info.pieces[which]), inplace=info)
+    q, k = matches["q"], matches["k"]
+    if _shape(y) != k.op_shape:
+        return f"written value {_shape(y)} is not the rotated key as (T, H, D) {k.op_shape}"
+    # q's buffer afterwards (its old value when nothing reads it)
+    q.y = next((nb for nb, i in info.new_bases.items() if i == info.views["q"][0]), q.x)
+    k.y, k.chain, k.partner = y, set(chain[1:]) | ({out} if chain else set()), q
+    return k
 
 
 _ELEMENTWISE = {aten.mul.Tensor: "mul", aten.add.Tensor: "add", aten.sub.Tensor: "sub"}
 _PASSTHROUGH = {prims.convert_element_type.default, aten.clone.default,
                 aten._to_copy.default, aten.alias.default}
+#: ops that can only add or drop size-1 axes of a cos/sin leaf when its other sizes stay
+#: the same (checked on the shapes): q and k may see one cos through different views
+_UNIT_AXIS_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                  aten.squeeze.default, aten.reshape.default, aten.view.default,
+                  aten._unsafe_view.default, aten.alias.default, aten.slice.Tensor}
 
 
 class _SymDim:
@@ -258,7 +676,7 @@ class _SymDim:
     def __init__(self, sym: Any) -> None:
         self.sym = sym
 
-    def __eq__(self, other: Any) -> bool:
+    def __eq__(self, other: object) -> bool:
         from torch.fx.experimental.symbolic_shapes import statically_known_true
 
         other = other.sym if isinstance(other, _SymDim) else other
@@ -266,10 +684,10 @@ class _SymDim:
             return NotImplemented
         try:
             return bool(statically_known_true(self.sym == other))
-        except Exception:  # an expression the shape env cannot decide
+        except Exception:  # noqa: BLE001  (an expression the shape env cannot decide)
             return False
 
-    def __ne__(self, other: Any) -> bool:
+    def __ne__(self, other: object) -> bool:
         same = self.__eq__(other)
         return same if same is NotImplemented else not same
 
@@ -517,6 +935,90 @@ def _classify(sym: _Sym, ev: _RopeEvaluator, x: fx.Node, y: fx.Node) -> RopeMatc
     d = feats.shape[0]
     if _shape(x) != _shape(y) or d != _shape(x)[-1]:
         raise _NoMatch("output shape differs from the input's")
+    try:
+        return _classify_features(feats, ev, x, y)
+    except _NoMatch as exc:
+        # a RoPE of x's features in another order (DeepSeek's interleaved pairs written
+        # out de-interleaved): y = rope(x[..., perm]), which the op computes when given
+        # x[..., perm]
+        perm = _input_permutation(feats)
+        if perm is None:
+            raise
+        runs = _arithmetic_runs(perm)
+        if len(runs) > MAX_PERMUTATION_RUNS:
+            raise _NoMatch(f"{exc}; as a RoPE of permuted features, the permutation takes "
+                           f"{len(runs)} strided slices (at most {MAX_PERMUTATION_RUNS})") from None
+        inv = {j: i for i, j in enumerate(perm)}
+        renamed = np.empty(feats.shape, dtype=object)
+        for i in range(d):
+            renamed[i] = _Poly({tuple(sorted((0, inv[a[1]]) if a[0] == 0 else a for a in mono)): c
+                                for mono, c in feats[i].terms.items()})
+        try:
+            m = _classify_features(renamed, ev, x, y)
+        except _NoMatch as exc2:
+            raise _NoMatch(f"{exc}; as a RoPE of permuted features: {exc2}") from None
+        m.x_perm = tuple(perm)
+        return m
+
+
+def _input_permutation(feats: np.ndarray) -> list[int] | None:
+    """``perm`` with ``y[i] = x[perm[i]] * cos[.] +/- x[.] * sin[.]`` (or ``x[perm[i]]`` on
+    pass-through features): the x feature each output multiplies by cos, cos being the
+    one angle that enters every rotated feature with sign +1. None when there is no such
+    permutation or it is the identity."""
+    d = feats.shape[0]
+    perm: list[int | None] = [None] * d
+    rotated: dict[int, list[tuple[int, int, float]]] = {}
+    for i in range(d):
+        terms = feats[i].terms
+        if len(terms) == 1:
+            (mono, coef), = terms.items()
+            if len(mono) != 1 or mono[0][0] != 0 or coef != 1.0:
+                return None
+            perm[i] = mono[0][1]
+            continue
+        if len(terms) != 2:
+            return None
+        pairs = []
+        for mono, coef in terms.items():
+            xs = [a for a in mono if a[0] == 0]
+            ls = [a for a in mono if a[0] != 0]
+            if len(mono) != 2 or len(xs) != 1 or len(ls) != 1:
+                return None
+            pairs.append((xs[0][1], ls[0][0], coef))
+        rotated[i] = pairs
+    sources = {src for pairs in rotated.values() for _, src, _ in pairs}
+    cos_sources = [src for src in sources
+                   if all(any(s == src and c == 1.0 for _, s, c in pairs) for pairs in rotated.values())]
+    if not rotated or len(cos_sources) != 1:
+        return None
+    for i, pairs in rotated.items():
+        perm[i] = next(j for j, s, _ in pairs if s == cos_sources[0])
+    if sorted(perm) != list(range(d)) or perm == list(range(d)):
+        return None
+    return perm
+
+
+def _arithmetic_runs(perm: Iterable[int]) -> list[tuple[int, int, int]]:
+    """``perm`` as maximal runs ``(start, step, length)`` with a positive step: the
+    strided slices whose concatenation gathers ``x[..., perm]``."""
+    runs: list[tuple[int, int, int]] = []
+    for j in perm:
+        if runs:
+            start, step, n = runs[-1]
+            if n == 1 and j > start:
+                runs[-1] = (start, j - start, 2)
+                continue
+            if n > 1 and j == start + step * n:
+                runs[-1] = (start, step, n + 1)
+                continue
+        runs.append((j, 1, 1))
+    return runs
+
+
+def _classify_features(feats: np.ndarray, ev: _RopeEvaluator, x: fx.Node, y: fx.Node) -> RopeMatch:
+    """``_classify`` for features already known to have the input's width."""
+    d = feats.shape[0]
     rotated: list[tuple[int, int, int, int, int, float]] = []  # i, partner, cos, sin idx, sign
     cos_id = sin_id = None
     tail_start = None
@@ -557,14 +1059,14 @@ def _classify(sym: _Sym, ev: _RopeEvaluator, x: fx.Node, y: fx.Node) -> RopeMatc
     half = rd // 2
     if rotated[0][1] == half and half != 1:
         style = "neox"
-        partner_of = lambda i: i + half if i < half else i - half  # noqa: E731
-        sign_of = lambda i: -1.0 if i < half else 1.0  # noqa: E731
-        pair_of = lambda i: i % half  # noqa: E731
+        partner_of = lambda i: i + half if i < half else i - half
+        sign_of = lambda i: -1.0 if i < half else 1.0
+        pair_of = lambda i: i % half
     else:
         style = "interleaved"
-        partner_of = lambda i: i + 1 if i % 2 == 0 else i - 1  # noqa: E731
-        sign_of = lambda i: -1.0 if i % 2 == 0 else 1.0  # noqa: E731
-        pair_of = lambda i: i // 2  # noqa: E731
+        partner_of = lambda i: i + 1 if i % 2 == 0 else i - 1
+        sign_of = lambda i: -1.0 if i % 2 == 0 else 1.0
+        pair_of = lambda i: i // 2
     full = all(c == i and s == i for i, _, c, s, _ in rotated)
     halfw = all(c == pair_of(i) and s == pair_of(i) for i, _, c, s, _ in rotated)
     for i, p, _, _, sign in rotated:
@@ -588,9 +1090,9 @@ def _candidate_inputs(y: fx.Node) -> list[fx.Node]:
         if n in seen or not isinstance(n, fx.Node) or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default):
-            if isinstance(n.args[0], fx.Node) and n.args[0] not in found:
-                found.append(n.args[0])
+        if n.target in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default) \
+                and isinstance(n.args[0], fx.Node) and n.args[0] not in found:
+            found.append(n.args[0])
         stack.extend(_flat_args(n))
     return found
 
@@ -771,13 +1273,24 @@ def _parse_index_put(copy: fx.Node, base: fx.Node, ip: fx.Node, new_base: fx.Nod
         return CacheWrite(copy, base, ip, new_base, "static", index, value, ("b", "h", "s", "d"))
     if len(indices) == 1:
         flat = view_shape or bshape
+        if len(flat) == 2 and view_shape is None:
+            # MLA's latent caches: (slots, kv_lora_rank) and (slots, rope_dim), one head
+            # that no axis names; the op takes them as its one-head "flat" layout
+            value, vshape = _single_token_value(value, vshape, n_index, (flat[1],))
+            if vshape != (n_index, flat[1]):
+                return f"value shape {vshape} does not match slots x {flat[1:]}"
+            return CacheWrite(copy, base, ip, new_base, "flat", index, value, ("s", "d"))
+        if len(flat) == 2:
+            return (f"cache {bshape} written through a (slots, features) view: a paged "
+                    f"one-head (MLA) cache, which the op takes only as (slots, features)")
         if len(flat) != 3:
             return f"slot-indexed cache of rank {len(flat)}: expected (slots, heads, head_dim)"
         value, vshape = _single_token_value(value, vshape, n_index, tuple(flat[1:]))
         if vshape != (n_index, flat[1], flat[2]):
             return f"value shape {vshape} does not match slots x {flat[1:]}"
         if view_shape is not None:
-            if len(bshape) != 4 or bshape[0] * bshape[1] != flat[0] or bshape[2:] != flat[1:]:
+            if len(bshape) != 4 or not _static(bshape[:2]) or bshape[0] * bshape[1] != flat[0] \
+                    or bshape[2:] != flat[1:]:
                 return f"paged cache {bshape} is not (blocks, page, heads, head_dim) of {flat}"
             return CacheWrite(copy, base, ip, new_base, "paged_nhd", index, value,
                               ("s", "h", "d"), view_shape)
@@ -886,7 +1399,8 @@ class _Plan:
     k_rope: RopeMatch
     q_rope: RopeMatch
     value_perm: list[int] | None  # permute from y_k to the written value, if any
-    k_extra_users: list[fx.Node]
+    #: (reader, node) pairs: ``reader`` reads the rotated k as ``node`` (a reshape of it)
+    k_extra_users: list[tuple[fx.Node, fx.Node]]
     #: K and V in one buffer: the buffer's value before both writes, and the
     #: select_scatter holding it after both
     shared_buffer: fx.Node | None = None
@@ -904,12 +1418,14 @@ class RopeKVWriteFusion(Fusion):
         # node positions, taken once: every match reads them and none is rewritten before
         # all sites are planned
         self._order = {n: i for i, n in enumerate(graph.nodes)}
+        self._ropes: dict[fx.Node, RopeMatch | str] = {}
         try:
             self._apply(graph, sites)
         finally:
-            self._order = {}
+            self._order, self._ropes = {}, {}
 
     def _apply(self, graph: fx.Graph, sites: SiteRecorder) -> None:
+        register_known_rope_ops()
         writes, misses = find_writes(graph)
         for node, reason in misses:
             sites.near_miss(node, reason)
@@ -920,15 +1436,16 @@ class RopeKVWriteFusion(Fusion):
             y, _ = _rope_source(w.value)
             try:
                 ropes[w.index_put] = match_rope(y, self._order) if y is not None else "value is not a tensor"
-            except Exception as exc:  # never raise on an unfamiliar graph
+            except Exception as exc:  # noqa: BLE001  (never raise on an unfamiliar graph)
                 ropes[w.index_put] = f"not analysable ({type(exc).__name__}: {exc})"
+        self._ropes = ropes
         for kw in writes:
             rope = ropes[kw.index_put]
             if isinstance(rope, str):
                 continue  # a v write, or not ours; reported below if left unpaired
             try:
                 plan = self._plan(kw, rope, writes, ropes, claimed)
-            except Exception as exc:  # planning reads the graph only: leave it as it is
+            except Exception as exc:  # noqa: BLE001  (planning only reads the graph)
                 plan = f"could not analyse this write ({type(exc).__name__}: {exc})"
             if isinstance(plan, str):
                 sites.near_miss(kw.index_put, plan)
@@ -941,8 +1458,7 @@ class RopeKVWriteFusion(Fusion):
                 if not any(o.index_put in claimed for o in same_index):
                     sites.near_miss(w.index_put, f"cache write of a value that is {ropes[w.index_put]}")
         for plan in plans:
-            sites.rewritten(plan.kw.index_put,
-                            f"{plan.kw.layout}, {plan.k_rope.style}, rotary_dim={plan.k_rope.rotary_dim}")
+            sites.rewritten(plan.kw.index_put, _describe(plan))
             self._rewrite(graph, plan)
         if plans:
             from torch._inductor.fx_passes.post_grad import stable_topological_sort
@@ -983,14 +1499,36 @@ class RopeKVWriteFusion(Fusion):
         reason = _check_dtypes(kw, vw, rope, q)
         if reason:
             return reason
-        reason = _check_layout(rope, q, roles, _shape(vw.value), vw.roles)
+        q_roles = _q_roles(roles, _xshape(q))
+        if q_roles is None:
+            return (f"q {_xshape(q)} and k {_xshape(rope)} differ in rank beyond a head axis "
+                    f"k lacks (k's axes: {roles})")
+        reason = _check_layout(rope, q, roles, q_roles, _shape(vw.value), vw.roles)
         if reason:
             return reason
-        # rotated k consumed elsewhere: only the rotation's result may be (k_out)
-        extra = [u for u in y_k.users if u is not kw.index_put and u is not kw.value]
-        inner = _users_outside(rope.chain, rope.chain | {y_k})
-        if inner is not None:
-            return f"an intermediate of the k rotation ({inner.name}) is used outside it"
+        # rotated k consumed elsewhere: only the rotation's result may be (k_out); the
+        # decomposition's reshape of a single written token is part of the write
+        write = {kw.index_put, kw.value}
+
+        def part_of_write(u: fx.Node) -> bool:
+            return u in write or bool(u.users) and set(u.users) <= {kw.index_put}
+
+        if rope.opaque is not None:
+            # every node between the op's output and the written value is a reshape of
+            # the rotated k: any other reader gets k_out in that shape
+            holders = [*rope.outs, *rope.chain, y_k]
+            inside = set(rope.chain) | {y_k}
+            extra = [(u, n) for n in dict.fromkeys(holders) for u in n.users
+                     if u not in inside and not part_of_write(u)]
+        else:
+            extra = [(u, y_k) for u in y_k.users if not part_of_write(u)]
+            inner = _users_outside(rope.chain, rope.chain | {y_k})
+            if inner is not None:
+                return f"an intermediate of the k rotation ({inner.name}) is used outside it"
+        if rope.inplace is not None:
+            reason = _inplace_cycle(rope.inplace, vw.value, self._order)
+            if reason:
+                return reason
         inner = _users_outside(q.chain, q.chain | {q.y})
         if inner is not None:
             return f"an intermediate of the q rotation ({inner.name}) is used outside it"
@@ -1004,19 +1542,16 @@ class RopeKVWriteFusion(Fusion):
     def _q_candidates(self, k: RopeMatch, claimed: set[fx.Node]) -> list[RopeMatch] | str:
         """Rotations with the same cos/sin as ``k`` (not ``k`` itself)."""
         if k.opaque is not None:  # q comes out of the same op call
-            q_out = _ROPE_OPS[k.opaque.target].outputs[0]
-            found = [u for u in k.opaque.users
-                     if u.target is operator.getitem and u.args[1] == q_out and u not in claimed]
-            if len(found) != 1:
-                return f"the q output of {k.opaque.target} is not read exactly once"
-            m = match_rope(found[0], self._order)
-            return [m] if isinstance(m, RopeMatch) else m
+            if k.partner is None or k.partner.y in claimed:
+                return f"the q rotation of {k.opaque.target} is not available"
+            return [k.partner]
         starts: list[fx.Node] = []
         for leaf in (k.cos, k.sin):
-            starts += [u for u in leaf.users]
-            # q may use a structurally equal copy of the cos/sin node (no CSE across them)
-            for sib in _siblings(leaf):
-                starts += list(sib.users)
+            root, views, _ = _angle_root(leaf)
+            for n in dict.fromkeys([*views, *_siblings(leaf), *_siblings(root)]):
+                # q may read the same cos/sin node, a view of it with its own head axis,
+                # or a structurally equal copy of it (no CSE across them)
+                starts += list(n.users)
         ends: dict[fx.Node, RopeMatch] = {}
         seen: set[fx.Node] = set()
         frontier = [s for s in starts if s not in k.chain and s is not k.y]
@@ -1030,15 +1565,19 @@ class RopeKVWriteFusion(Fusion):
                                                           aten.cat.default, aten.reshape.default,
                                                           prims.convert_element_type.default):
                     m = match_rope(n, self._order)
-                    if isinstance(m, RopeMatch) and _same_value(m.cos, k.cos) and _same_value(m.sin, k.sin) \
+                    if isinstance(m, RopeMatch) and _same_angles(m.cos, k.cos) and _same_angles(m.sin, k.sin) \
                             and m.style == k.style and m.rotary_dim == k.rotary_dim \
-                            and m.half_width == k.half_width:
+                            and m.half_width == k.half_width and m.x_perm == k.x_perm:
                         ends[n] = m
                 nxt += list(n.users)
             frontier = nxt
         # keep the outermost rotations (not inside another one's chain)
         inner = set().union(*(m.chain for m in ends.values())) if ends else set()
-        found = [m for y, m in ends.items() if y not in inner and y not in claimed]
+        # a rotation written to a cache is another attention's k (HF shares cos/sin
+        # across layers), never this one's q
+        written = {m.y for m in self._ropes.values() if isinstance(m, RopeMatch)}
+        found = [m for y, m in ends.items() if y not in inner and y not in claimed
+                 and y not in written]
         if not found:
             return "no q rotated with the same cos/sin"
         return found
@@ -1049,10 +1588,9 @@ class RopeKVWriteFusion(Fusion):
         y_roles = kw.roles if p.value_perm is None else tuple(
             kw.roles[p.value_perm.index(i)] for i in range(len(p.value_perm)))
         token_roles = ("b", "s", "h", "d") if "b" in y_roles else ("s", "h", "d")
-        to_tok = [y_roles.index(r) for r in token_roles]
-        ident = to_tok == list(range(len(to_tok)))
-        inv = [to_tok.index(i) for i in range(len(to_tok))]
-        v_to_tok = [vw.roles.index(r) for r in token_roles]
+        q_roles = _q_roles(y_roles, _xshape(q))
+        if k.inplace is not None:
+            _read_unrotated_before(graph, k.inplace)
         inputs = [q.x, k.x, vw.value, k.cos, k.sin]
         inputs += [p.shared_buffer] if p.shared_buffer is not None else [kw.base, vw.base]
         inputs += list(kw.index) if isinstance(kw.index, tuple) else [kw.index]
@@ -1062,12 +1600,30 @@ class RopeKVWriteFusion(Fusion):
         anchor = max(inputs, key=lambda n: order[n]).next
         em = _Emitter(graph, anchor, kw.index_put)
 
-        def tok(x: fx.Node, perm: list[int]) -> fx.Node:
-            return x if perm == list(range(len(perm))) else em(aten.permute.default, x, perm)
+        def to_op(x: fx.Node, roles: tuple[str, ...]) -> fx.Node:
+            """``x`` with axes in the op's token order; a missing head axis added."""
+            present = [r for r in token_roles if r in roles]
+            perm = [roles.index(r) for r in present]
+            if perm != list(range(len(perm))):
+                x = em(aten.permute.default, x, perm)
+            if "h" not in roles:
+                x = em(aten.unsqueeze.default, x, token_roles.index("h"))
+            return x
 
-        qt, kt = tok(q.x, to_tok), tok(k.x, to_tok)
-        vt = tok(vw.value, v_to_tok)
-        head_axis = y_roles.index("h")
+        def from_op(x: fx.Node, roles: tuple[str, ...]) -> fx.Node:
+            """The inverse of ``to_op``: an op output in the graph's axis order."""
+            if "h" not in roles:
+                x = em(aten.squeeze.dim, x, token_roles.index("h"))
+            present = [r for r in token_roles if r in roles]
+            inv = [present.index(r) for r in roles]
+            return x if inv == list(range(len(inv))) else em(aten.permute.default, x, inv)
+
+        qx, kx = _apply_steps(em, q.x, q.x_steps), _apply_steps(em, k.x, k.x_steps)
+        if k.x_perm is not None:  # the rotation reads the features in another order
+            qx, kx = (_gather_features(em, x, k.x_perm) for x in (qx, kx))
+        qt, kt = to_op(qx, q_roles), to_op(kx, y_roles)
+        vt = to_op(vw.value, vw.roles)
+        head_axis = y_roles.index("h") if "h" in y_roles else None
         if k.opaque is not None:
             half = k.rotary_dim // 2
             cos = em(aten.slice.Tensor, k.cos, 1, 0, half)
@@ -1095,9 +1651,9 @@ class RopeKVWriteFusion(Fusion):
         )
 
         op = torch.ops.attnfuse.rope_write_kv.default
-        kwargs = dict(q=qt, k=kt, v=vt, cos=cos, sin=sin, positions=k.positions,
-                      cache_index=index, cache_layout=kw.layout, rotary_dim=k.rotary_dim,
-                      style=k.style, k_scale=None, v_scale=None, return_k=return_k)
+        kwargs = {"q": qt, "k": kt, "v": vt, "cos": cos, "sin": sin, "positions": k.positions,
+                  "cache_index": index, "cache_layout": kw.layout, "rotary_dim": k.rotary_dim,
+                  "style": k.style, "k_scale": None, "v_scale": None, "return_k": return_k}
         if p.shared_buffer is not None:
             # K and V are views of one buffer: auto_functionalized_v2 names each as a
             # view (size, stride, offset) of that base, which Inductor reinplaces
@@ -1119,12 +1675,19 @@ class RopeKVWriteFusion(Fusion):
         else:
             new_k = em(operator.getitem, out, 2)
             new_v = em(operator.getitem, out, 3)
-        q.y.replace_all_uses_with(q_out if ident else em(aten.permute.default, q_out, inv))
+        if q.opaque is not None:  # each holder of the rotated q is a reshape of it
+            for n in q.outs:
+                n.replace_all_uses_with(_reshaped_like(em, q_out, n))
+        else:
+            q.y.replace_all_uses_with(from_op(q_out, q_roles))
         if return_k:
             k_out = em(operator.getitem, out, 1)
-            k_res = k_out if ident else em(aten.permute.default, k_out, inv)
-            for u in p.k_extra_users:
-                u.replace_input_with(k.y, k_res)
+            k_res: dict[fx.Node, fx.Node] = {}
+            for u, n in p.k_extra_users:
+                if n not in k_res:
+                    k_res[n] = (_reshaped_like(em, k_out, n) if k.opaque is not None
+                                else from_op(k_out, y_roles))
+                u.replace_input_with(n, k_res[n])
         for w, new in ((kw, new_k), (vw, new_v)):
             if new is None:
                 continue  # the shared buffer's final value was replaced above
@@ -1140,6 +1703,74 @@ class RopeKVWriteFusion(Fusion):
                 w.index_put.replace_all_uses_with(new)
         for n in (kw.index_put, vw.index_put):
             _erase_dead(graph, n)
+        if k.inplace is not None:
+            _erase_inplace_call(graph, k)
+
+
+def _apply_steps(em: _Emitter, x: fx.Node, steps: Iterable[tuple[Any, tuple]]) -> fx.Node:
+    for target, args in steps:
+        x = em(target, x, *args)
+    return x
+
+
+def _reshaped_like(em: _Emitter, t: fx.Node, like: fx.Node) -> fx.Node:
+    """``t`` (an op output, ``(T, H, D)``) reshaped to ``like``'s shape (-1 for T)."""
+    shape = _shape(like)
+    if shape == _shape(t):
+        return t
+    return em(aten.reshape.default, t, [-1, *shape[1:]])
+
+
+def _read_unrotated_before(graph: fx.Graph, info: _InplaceRope) -> None:
+    """Reads of the parts of an in-place RoPE's buffers that it does not write now read
+    the buffers before the call (the same values), so that nothing the fused op consumes
+    (v, typically, in a fused qkv buffer) depends on the call it replaces."""
+    em = _Emitter(graph, info.node, info.node)
+    splits: dict[fx.Node, fx.Node] = {}
+    for r in info.pieces["other"]:
+        src = r.args[0]
+        new_base = src if r.target is aten.slice.Tensor else src.args[0]
+        base = info.bases[info.new_bases[new_base]]
+        em.anchor = src if r.target is not aten.slice.Tensor else r
+        if r.target is aten.slice.Tensor:
+            fresh = em(aten.slice.Tensor, base, *r.args[1:])
+        else:
+            if src not in splits:
+                splits[src] = em(src.target, base, *src.args[1:], kwargs=dict(src.kwargs))
+            fresh = em(operator.getitem, splits[src], r.args[1])
+        r.replace_all_uses_with(fresh)
+
+
+def _erase_inplace_call(graph: fx.Graph, k: RopeMatch) -> None:
+    """Erase the replaced in-place call and its reads once nothing uses them."""
+    info = k.inplace
+    nodes = [*info.pieces["q"], *info.pieces["k"], *info.pieces["other"], *k.chain, k.y]
+    nodes += [n.args[0] for n in nodes if n.target in (operator.getitem, aten.slice.Tensor)
+              and n.args[0] is not info.node]
+    nodes += [*reversed(info.owned), info.node]
+    erased: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n in dict.fromkeys(nodes):
+            if n not in erased and not n.users:
+                graph.erase_node(n)
+                erased.add(n)
+                changed = True
+
+
+def _describe(p: _Plan) -> str:
+    k = p.k_rope
+    text = f"{p.kw.layout}, {k.style}, rotary_dim={k.rotary_dim}"
+    if p.kw.layout == "flat" and "h" not in p.kw.roles:
+        text += ", one-head latent caches"
+    if k.x_perm is not None:
+        text += f", input features permuted ({len(_arithmetic_runs(k.x_perm))} strided slices)"
+    if k.inplace is not None:
+        text += f", in-place {k.inplace.op}"
+    elif k.opaque is not None:
+        text += f", {k.opaque.target}"
+    return text
 
 
 def _shared_buffer(kw: CacheWrite, vw: CacheWrite) -> tuple[fx.Node, fx.Node] | str | None:
@@ -1205,18 +1836,66 @@ def _check_dtypes(kw: CacheWrite, vw: CacheWrite, k: RopeMatch, q: RopeMatch) ->
     return None
 
 
-def _check_layout(k: RopeMatch, q: RopeMatch, roles: tuple[str, ...],
+def _q_roles(k_roles: tuple[str, ...], qshape: tuple[Any, ...] | None) -> tuple[str, ...] | None:
+    """Axis roles of q, given k's: the same, or, when k has no head axis (MLA's one
+    latent head, ``(tokens, rope_dim)``), k's with the heads just before the features."""
+    if qshape is None:
+        return None
+    if "h" in k_roles:
+        return k_roles if len(qshape) == len(k_roles) else None
+    if len(qshape) == len(k_roles) + 1 and k_roles[-1] == "d":
+        return k_roles[:-1] + ("h", "d")
+    return None
+
+
+def _role_size(shape: tuple[Any, ...], roles: tuple[str, ...], role: str) -> Any:
+    """Size of the axis playing ``role`` (an absent head axis is one head)."""
+    return shape[roles.index(role)] if role in roles else 1
+
+
+def _xshape(m: RopeMatch) -> tuple[Any, ...] | None:
+    """The shape of the rotation's input as the op reads it."""
+    return m.op_shape if m.op_shape is not None else _shape(m.x)
+
+
+def _inplace_cycle(info: _InplaceRope, value: fx.Node, order: dict[fx.Node, int]) -> str | None:
+    """Why ``value`` (the written v) cannot feed an op that replaces ``info``'s call:
+    it reads the rotated query or key (parts of the buffer the op does not write are read
+    from the buffer before it, see ``_rewrite``)."""
+    floor = info.node
+    stop = set(info.pieces["other"])
+    rotated = set(info.pieces["q"]) | set(info.pieces["k"]) | {floor}
+    seen: set[fx.Node] = set()
+    stack = [value]
+    while stack:
+        n = stack.pop()
+        if n in seen or n in stop or not isinstance(n, fx.Node) or n.op != "call_function":
+            continue
+        if order.get(n, 0) < order[floor]:
+            continue  # placed before the call: cannot read what it wrote
+        if n in rotated:
+            return f"v is computed from the buffer {info.op} rotates in place"
+        seen.add(n)
+        if len(seen) > 4 * MAX_ROPE_NODES:
+            return "v's computation is too large to tell it apart from the rotated buffer"
+        stack.extend(_flat_args(n))
+    return None
+
+
+def _check_layout(k: RopeMatch, q: RopeMatch, roles: tuple[str, ...], q_roles: tuple[str, ...],
                   vshape: tuple[int, ...] | None, v_roles: tuple[str, ...]) -> str | None:
-    ks, qs = _shape(k.x), _shape(q.x)
-    if ks is None or qs is None or len(ks) != len(qs) or len(ks) != len(roles):
+    ks, qs = _xshape(k), _xshape(q)
+    if ks is None or qs is None or len(ks) != len(roles) or len(qs) != len(q_roles):
         return "q and k ranks differ"
-    for i, r in enumerate(roles):
-        if r != "h" and ks[i] != qs[i]:
+    for r in roles:
+        if r != "h" and ks[roles.index(r)] != qs[q_roles.index(r)]:
             return f"q {qs} and k {ks} differ outside the head axis"
     if vshape is None or len(vshape) != len(v_roles):
         return "v has no static shape"
-    for r in roles:
-        if r != "d" and vshape[v_roles.index(r)] != ks[roles.index(r)]:
+    if "d" not in v_roles or any(r not in roles and r != "h" for r in v_roles):
+        return f"v's axes {v_roles} are not k's {roles}"
+    for r in set(roles) | set(v_roles):
+        if r != "d" and _role_size(vshape, v_roles, r) != _role_size(ks, roles, r):
             return f"v {vshape} and k {ks} differ in tokens or heads"
     if k.opaque is not None:
         if tuple(roles) != ("s", "h", "d") or _shape(k.positions) != (ks[0],):
@@ -1224,15 +1903,71 @@ def _check_layout(k: RopeMatch, q: RopeMatch, roles: tuple[str, ...],
         return None
     if [r for r in roles if r not in "hd"] not in (["b", "s"], ["s"]):
         return f"token dims in the order {roles}: not (batch, sequence)"
-    for leaf in (k.cos, k.sin):
-        if k.leaf_feat_dims.get(leaf, 1) > 1 and not _static(_shape(leaf)):
-            return "cos/sin with features over several dims and a symbolic size"
-        lead = _leaf_leading(k, leaf, len(roles))
-        if lead is None:
-            return "cos/sin do not broadcast over q and k"
-        if lead[roles.index("h")] != 1:
-            return "cos/sin vary per head"
+    for m, m_roles in ((k, roles), (q, q_roles)):
+        for leaf in (m.cos, m.sin):
+            if m.leaf_feat_dims.get(leaf, 1) > 1 and not _static(_shape(leaf)):
+                return "cos/sin with features over several dims and a symbolic size"
+            lead = _leaf_leading(m, leaf, len(m_roles))
+            if lead is None:
+                return "cos/sin do not broadcast over q and k"
+            if "h" in m_roles and lead[m_roles.index("h")] != 1:
+                return "cos/sin vary per head"
+    # q may read the angles through its own view of k's cos/sin (an unsqueeze for its
+    # head axis): the same rows must then land on the same token axes
+    for kl, ql in ((k.cos, q.cos), (k.sin, q.sin)):
+        if ql is not kl and _angle_layout(k, kl, roles) != _angle_layout(q, ql, q_roles):
+            return "q and k read cos/sin with different token axes"
     return None
+
+
+def _angle_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node], tuple[Any, ...]]:
+    """The tensor a cos/sin leaf views, through ops that only add or drop size-1 axes
+    (unsqueeze, squeeze, such reshapes and full slices) or cast it, the nodes on the way,
+    and the dtypes it passes through from the root (casts and unit-axis views commute,
+    so two leaves with one root and the same dtypes hold the same values)."""
+    chain = [node]
+    dtypes = [_dtype(node)]
+    while (node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node)
+           and (node.target in _UNIT_AXIS_OPS or _is_cast(node))):
+        src = node.args[0]
+        a, b = _shape(src), _shape(node)
+        if a is None or b is None or not a or not b or a[-1] != b[-1]:
+            break
+        if [n for n in a if n != 1] != [n for n in b if n != 1]:
+            break
+        node = src
+        chain.append(node)
+        dtypes.append(_dtype(node))
+    path = tuple(d for i, d in enumerate(reversed(dtypes)) if i == 0 or d != dtypes[-i])
+    return node, chain, path
+
+
+def _is_cast(node: fx.Node) -> bool:
+    """A dtype cast (or a copy) that changes nothing else."""
+    if node.target in (prims.convert_element_type.default, aten.clone.default, aten.alias.default):
+        return True
+    return node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}
+
+
+def _same_angles(a: fx.Node, b: fx.Node) -> bool:
+    """Whether two cos/sin leaves hold the same values (see ``_angle_root``); how the
+    rows align with the tokens is checked against the axis roles in ``_check_layout``."""
+    if a is b or _same_value(a, b):
+        return True
+    (ra, _, da), (rb, _, db) = _angle_root(a), _angle_root(b)
+    return da == db and _same_value(ra, rb)
+
+
+def _angle_layout(m: RopeMatch, leaf: fx.Node, roles: tuple[str, ...]) -> tuple | None:
+    """(role, size) of each leading axis of ``leaf`` longer than one, in order, and its
+    feature dims: equal for two leaves of one root means equal angles per token."""
+    lead = _leaf_leading(m, leaf, len(roles))
+    if lead is None:
+        return None
+    shape = _shape(leaf)
+    nf = m.leaf_feat_dims.get(leaf, 1)
+    return (tuple((roles[i], n) for i, n in enumerate(lead) if n != 1),
+            tuple(shape[len(shape) - nf:]))
 
 
 def _leaf_leading(k: RopeMatch, leaf: fx.Node, rank: int) -> tuple[int, ...] | None:
@@ -1246,7 +1981,7 @@ def _leaf_leading(k: RopeMatch, leaf: fx.Node, rank: int) -> tuple[int, ...] | N
     return (1,) * (rank - 1 - len(lead)) + tuple(lead)
 
 
-def _angle_arg(em: _Emitter, k: RopeMatch, leaf: fx.Node, head_axis: int,
+def _angle_arg(em: _Emitter, k: RopeMatch, leaf: fx.Node, head_axis: int | None,
                roles: tuple[str, ...]) -> fx.Node:
     """cos/sin for the op: ``(tokens..., W)``, broadcastable to the op's token dims.
 
@@ -1264,13 +1999,21 @@ def _angle_arg(em: _Emitter, k: RopeMatch, leaf: fx.Node, head_axis: int,
     while lead_rank > rank - 1:  # extra leading dims (all of size 1)
         arg = em(aten.select.int, arg, 0, 0)
         lead_rank -= 1
-    head = head_axis - ((rank - 1) - lead_rank)  # leading dims align to the right
+    # leading dims align to the right; k without a head axis (MLA) has none to drop
+    head = -1 if head_axis is None else head_axis - ((rank - 1) - lead_rank)
     if head >= 0:
         arg = em(aten.select.int, arg, head, 0)
     need = k.rotary_dim // 2 if k.half_width else k.rotary_dim
     if shape[-1] != need:
         arg = em(aten.slice.Tensor, arg, -1, 0, need)
     return arg
+
+
+def _gather_features(em: _Emitter, x: fx.Node, perm: tuple[int, ...]) -> fx.Node:
+    """``x[..., perm]`` as a concatenation of strided slices (one per arithmetic run)."""
+    parts = [em(aten.slice.Tensor, x, -1, start, start + step * (n - 1) + 1, step)
+             for start, step, n in _arithmetic_runs(perm)]
+    return parts[0] if len(parts) == 1 else em(aten.cat.default, parts, -1)
 
 
 def _wrap_negative(em: _Emitter, index: fx.Node, size: int) -> fx.Node:

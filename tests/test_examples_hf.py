@@ -50,11 +50,12 @@ EXPECTED_LAYERS = {
         LayerExpectation(fired={"rope_kv_write": 1}, near_misses={"grouped_decode": "not decode"}),
         LayerExpectation(fired={"rope_kv_write": 1, "grouped_decode": 1}),
     ],
-    # HF's DeepSeek-V3 caches the normalized latent and the interleaved-RoPE k_rot in the
-    # two slots; neither is the rotate-half RoPE write rope_kv_write fuses, and it says so
+    # HF's DeepSeek-V3 caches the normalized latent and the RoPE'd k_rot in the two slots;
+    # its RoPE rotates interleaved pairs and writes them de-interleaved, which the op
+    # computes from the de-interleaved input: fused in both graphs
     "deepseek_v3": [
-        LayerExpectation(near_misses={"rope_kv_write": "not a RoPE"}),
-        LayerExpectation(near_misses={"rope_kv_write": "not a RoPE"}),
+        LayerExpectation(fired={"rope_kv_write": 1}),
+        LayerExpectation(fired={"rope_kv_write": 1}),
     ],
 }
 

@@ -108,13 +108,22 @@ workspace_overlap: 0
 
 def test_deepseek_v3_decode_layer_is_left_alone_with_reasons():
     # HF's DeepSeek-V3 attends over K/V decompressed from the latent cache (MHA): nothing
-    # here is an absorbed MLA form, and the latent write has no RoPE on it
+    # here is an absorbed MLA form, and the attention fusions say why; only the write of
+    # the latent with the RoPE'd k_rot (its de-interleaving RoPE) is fused
     d = _hf_decode_layer_diff("deepseek_v3")
     d.assertExpectedInline(d.summary(), """\
-rope_kv_write: 0
+rope_kv_write: 1
 grouped_decode: 0
 mla_short_prefill: 0
-workspace_overlap: 0""")
+workspace_overlap: 0
+- aten.add.Tensor x2
+- aten.index_put x2
+- aten.mul.Tensor x8
+- aten.sub.Tensor x2
++ aten.permute x4
++ aten.select.int x2
++ auto_functionalized(attnfuse.rope_write_kv) x1
++ getitem x3""")
     assert d.report.near_misses
 
 

@@ -1,6 +1,7 @@
 """``rope_kv_write`` on whole models: tiny HF decoders with transformers' StaticCache
-(Llama, Qwen3 with qk-norm, Mistral) and the paged-KV serving model. Graph-diff
-expecttests pin what each rewrite removes and adds; numerics match the eager model."""
+(Llama, Qwen3 with qk-norm, Mistral, DeepSeek-V3 with its de-interleaving RoPE), the
+paged-KV serving model and the serving MLA model (latent caches). Graph-diff expecttests
+pin what each rewrite removes and adds; numerics match the eager model."""
 
 from __future__ import annotations
 
@@ -95,6 +96,69 @@ rope_kv_write: 2
 def test_hf_family_static_cache_decode(family):
     d = _hf_check(family)
     d.assert_fired(rope_kv_write=2)
+    assert "aten.index_put" not in d.after
+
+
+def test_hf_deepseek_v3_rope_of_deinterleaved_pairs():
+    """HF DeepSeek-V3 rotates interleaved pairs of k_rot and writes them de-interleaved
+    into the cache's RoPE slot, the latent into the other: the op gets the de-interleaved
+    q_rot/k_rot (two strided slices each) and writes exactly the graph's layout."""
+    d = _hf_check("deepseek_v3")
+    d.assert_fired(rope_kv_write=2)
+    assert all("static, neox, rotary_dim=16, input features permuted (2 strided slices)"
+               in s.detail for s in d.report.sites), d.report.table()
+    d.assertExpectedInline(op_delta(d), """\
+rope_kv_write: 2
+- aten.add.Tensor x4
+- aten.index_put x4
+- aten.mul.Tensor x16
+- aten.sub.Tensor x4
++ aten.permute x8
++ aten.select.int x4
++ auto_functionalized(attnfuse.rope_write_kv) x2
++ getitem x6""")
+
+
+# ------------------------------------------------------------------ serving MLA model
+def _mla_caches(model):
+    return [t for layer in model.layers
+            for t in (layer.self_attn.latent_cache, layer.self_attn.pe_cache)]
+
+
+def _fill_mla_caches(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for t in _mla_caches(model):
+        t.copy_(torch.randn(t.shape, generator=g))
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_serving_mla_latent_cache_writes(phase, graph_diff):
+    """ckv into (slots, kv_lora_rank) and the rotated k_pe into (slots, rope_dim): one op
+    per layer, on caches holding fresh random data; prefill attends to the rotated k_pe
+    itself (the op returns it), decode reads the caches after the write."""
+    from attnfuse.examples.serving_mla import MLAConfig, MLAForCausalLM, example_inputs
+
+    model = MLAForCausalLM.random(MLAConfig(num_layers=2))
+    ids, positions, slots = example_inputs(model)
+    if phase == "prefill":
+        fn, args = model.prefill, (ids, positions, slots)
+    else:
+        batch, seq = ids.shape
+        table = model.slots_for(batch, torch.arange(seq + 1).expand(batch, -1))
+        fn, args = model.decode, (ids[:, -1], torch.full((batch,), seq), table[:, -1], table,
+                                  torch.full((batch,), seq + 1))
+    with torch.no_grad():
+        _fill_mla_caches(model, seed=5)
+        expected = fn(*args)
+        expected_caches = [t.clone() for t in _mla_caches(model)]
+        _fill_mla_caches(model, seed=5)
+        d = graph_diff(fn, *args, fusions=FUSION, backend="eager")
+    d.assert_fired(rope_kv_write=2)
+    assert all("flat, neox, rotary_dim=16, one-head latent caches" in s.detail
+               for s in d.report.sites), d.report.table()
+    torch.testing.assert_close(d.outputs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_mla_caches(model), expected_caches, atol=1e-5, rtol=1e-5)
+    assert ("return_k=True" in d.after) == (phase == "prefill")
     assert "aten.index_put" not in d.after
 
 

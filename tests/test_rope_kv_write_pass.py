@@ -564,3 +564,420 @@ def test_dynamic_token_count_fuses_without_specializing():
     finally:
         torch._dynamo.reset()
     assert backend.report.counts == {"rope_kv_write": 1}  # one graph, fused once
+
+
+# ------------------------------------------------------------------ MLA latent caches
+R, RD, NOPE = 32, 16, 16  # kv_lora_rank, rope dim, nope dim of the MLA tests
+MLA_FORMS = ["neox_chunk", "neox_cat", "gptj_stack", "neox_fp32_upcast"]
+
+
+class MLALayer(torch.nn.Module):
+    """Serving-style MLA: tokens ``(T, hidden)``; RoPE on ``q_pe (T, H, RD)`` and on the
+    single shared ``k_pe (T, RD)``; ``ckv (T, R)`` and ``k_pe`` written by slot into
+    ``(slots, R)`` and ``(slots, RD)`` caches; absorbed attention over the caches (or, in
+    prefill, over the new ``k_pe`` itself)."""
+
+    def __init__(self, rope, dtype, seed, prefill=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        hidden = HQ * D
+        self.rope, self.prefill = rope, prefill
+        self.wq = torch.nn.Parameter((torch.randn(hidden, HQ * (NOPE + RD), generator=g) * 0.1).to(dtype))
+        self.wkv = torch.nn.Parameter((torch.randn(hidden, R + RD, generator=g) * 0.1).to(dtype))
+        self.w_uk = torch.nn.Parameter((torch.randn(HQ, NOPE, R, generator=g) * 0.1).to(dtype))
+
+    def forward(self, h, cos, sin, slots, ckv_cache, kpe_cache):
+        T = h.shape[0]
+        q_nope, q_pe = (h @ self.wq).view(T, HQ, -1).split([NOPE, RD], dim=-1)
+        ckv, k_pe = (h @ self.wkv).split([R, RD], dim=-1)
+        q_pe = self.rope(q_pe, cos[:, None], sin[:, None])
+        k_pe = self.rope(k_pe, cos, sin)
+        ckv_cache[slots] = ckv
+        kpe_cache[slots] = k_pe
+        q_lat = torch.einsum("thn,hnr->thr", q_nope, self.w_uk)
+        if self.prefill:  # attends to the new tokens: reads the rotated k_pe directly
+            lat, pe = ckv, k_pe
+        else:
+            lat, pe = ckv_cache[:SLOTS // 2], kpe_cache[:SLOTS // 2]
+        scores = torch.einsum("thr,lr->htl", q_lat, lat) + torch.einsum("thd,ld->htl", q_pe, pe)
+        probs = torch.softmax(scores.float() * 0.2, dim=-1).to(lat.dtype)
+        return torch.einsum("htl,lr->thr", probs, lat)
+
+
+class MLAModel(torch.nn.Module):
+    def __init__(self, form, dtype=torch.float32, layers=2, prefill=False):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(MLALayer(FORMS[form][0], dtype, i, prefill)
+                                          for i in range(layers))
+
+    def forward(self, h, cos, sin, slots, caches):
+        out = 0
+        for layer, (ckv, kpe) in zip(self.layers, caches):
+            out = out + layer(h, cos, sin, slots, ckv, kpe).float()
+        return out
+
+
+def mla_inputs(form, dtype=torch.float32, layers=2, seed=0, tokens=B * S):
+    g = torch.Generator().manual_seed(seed)
+    _, width, _, style = FORMS[form]
+    h = torch.randn(tokens, HQ * D, generator=g).to(dtype)
+    positions = torch.randint(0, 40, (tokens,), generator=g)
+    cos, sin = angles(positions, RD, width, style, dtype)  # (T, W)
+    slots = torch.randperm(SLOTS, generator=g)[:tokens]
+    caches = [(torch.randn(SLOTS, R, generator=g).to(dtype), torch.randn(SLOTS, RD, generator=g).to(dtype))
+              for _ in range(layers)]
+    return h, cos, sin, slots, caches
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("form", MLA_FORMS)
+def test_mla_latent_caches_fused_once_per_layer(form, prefill):
+    """k_pe rotated and written to the (slots, rope_dim) cache, ckv to (slots, kv_lora_rank):
+    the op's one-head flat layout, q_pe with its heads; prefill also gets the rotated k_pe."""
+    dtype = torch.bfloat16 if form == "neox_fp32_upcast" else torch.float32
+    model = MLAModel(form, dtype, prefill=prefill)
+    d = run_and_compare(model, mla_inputs(form, dtype), fired=2, dtype=dtype)
+    style = FORMS[form][3]
+    assert all(f"flat, {style}, rotary_dim={RD}, one-head latent caches" in s.detail
+               for s in d.report.sites), d.report.table()
+    assert d.after.count("auto_functionalized(attnfuse.rope_write_kv") == 2
+    assert "aten.index_put" not in d.after
+    assert ("return_k=True" in d.after) == prefill
+
+
+def test_mla_single_token_decode():
+    model = MLAModel("neox_chunk", layers=1)
+    run_and_compare(model, mla_inputs("neox_chunk", layers=1, tokens=1), fired=1)
+
+
+def test_mla_negative_slot_keeps_index_put_semantics():
+    model = MLAModel("neox_chunk", layers=1)
+    h, cos, sin, slots, caches = mla_inputs("neox_chunk", layers=1, seed=3)
+    slots[1] = -2
+    run_and_compare(model, (h, cos, sin, slots, caches), fired=1)
+
+
+def test_mla_q_reading_cos_on_another_axis_is_a_near_miss():
+    """q_pe takes cos rows along its head axis (T == H): not the angles k_pe gets."""
+
+    def f(q_pe, k_pe, ckv, cos, sin, slots, ckv_cache, kpe_cache):
+        q_pe = rope_neox_chunk(q_pe, cos[None], sin[None])  # (1, T, W): rows on the heads
+        k_pe = rope_neox_chunk(k_pe, cos, sin)
+        ckv_cache[slots] = ckv
+        kpe_cache[slots] = k_pe
+        return q_pe
+
+    g = torch.Generator().manual_seed(12)
+    T = HQ
+    q_pe, k_pe, ckv = torch.randn(T, HQ, RD, generator=g), torch.randn(T, RD, generator=g), torch.randn(T, R, generator=g)
+    cos, sin = angles(torch.arange(T) + 1, RD, "half", "neox", torch.float32)
+    slots = torch.randperm(SLOTS, generator=g)[:T]
+    caches = [torch.randn(SLOTS, R, generator=g), torch.randn(SLOTS, RD, generator=g)]
+    d = graph_diff(f, q_pe, k_pe, ckv, cos, sin, slots, *caches, fusions=FUSION, backend="eager")
+    d.assert_not_fired("rope_kv_write")
+    assert any("vary per head" in r or "different token axes" in r for r in _near_misses(d)), \
+        _near_misses(d)
+
+
+def test_mla_cache_written_through_a_paged_view_is_a_near_miss():
+    """A (blocks, page, rope_dim) cache written as (slots, rope_dim): said so, not fused."""
+
+    def f(q_pe, k_pe, ckv, cos, sin, slots, ckv_cache, kpe_cache):
+        q_pe = rope_neox_chunk(q_pe, cos[:, None], sin[:, None])
+        k_pe = rope_neox_chunk(k_pe, cos, sin)
+        ckv_cache.view(-1, R)[slots] = ckv
+        kpe_cache.view(-1, RD)[slots] = k_pe
+        return q_pe
+
+    g = torch.Generator().manual_seed(13)
+    T = 4
+    q_pe, k_pe, ckv = torch.randn(T, HQ, RD, generator=g), torch.randn(T, RD, generator=g), torch.randn(T, R, generator=g)
+    cos, sin = angles(torch.arange(T), RD, "half", "neox", torch.float32)
+    slots = torch.randperm(SLOTS, generator=g)[:T]
+    caches = [torch.randn(SLOTS // PAGE, PAGE, R, generator=g), torch.randn(SLOTS // PAGE, PAGE, RD, generator=g)]
+    d = graph_diff(f, q_pe, k_pe, ckv, cos, sin, slots, *caches, fusions=FUSION, backend="eager")
+    d.assert_not_fired("rope_kv_write")
+    assert any("(slots, features) view" in r for r in _near_misses(d)), _near_misses(d)
+
+
+# ------------------------------------------------------------------ permuted input features
+def rope_deinterleaved(x, cos, sin):
+    """HF DeepSeek-V3 ``apply_rotary_pos_emb_interleave``: interleaved pairs rotated and
+    written out de-interleaved (a neox rotation of ``cat(x[0::2], x[1::2])``)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+PERMUTED_FORMS = {
+    "deinterleaved": (rope_deinterleaved, "half", D, "neox"),
+    "deinterleaved_partial": (partial(rope_deinterleaved, 8), "half", 8, "neox"),
+}
+
+
+@pytest.mark.parametrize("layout", ["static", "flat"])
+@pytest.mark.parametrize("form", list(PERMUTED_FORMS))
+def test_rope_of_permuted_features_gets_the_permuted_input(form, layout, monkeypatch):
+    """y = rope(x[..., perm]): the op is given x[..., perm] and writes y's layout exactly."""
+    monkeypatch.setitem(FORMS, form, PERMUTED_FORMS[form])
+    model = Model(form, layout)
+    d = run_and_compare(model, make_inputs(form, layout), fired=2)
+    _, _, rd, _ = PERMUTED_FORMS[form]
+    assert all(f"neox, rotary_dim={rd}, input features permuted" in s.detail
+               for s in d.report.sites), d.report.table()
+
+
+def test_irregular_feature_permutation_is_a_near_miss():
+    """Pairs (2j, 2j+1) rotated and written out in a scrambled pair order: a RoPE of x's
+    features in an order that takes many slices to gather; refused, and said why."""
+    pairs = [3, 0, 6, 1, 7, 4, 2, 5]
+
+    def gathered_rope(x, cos, sin):
+        x1 = torch.cat([x[..., 2 * j: 2 * j + 1] for j in pairs], dim=-1)
+        x2 = torch.cat([x[..., 2 * j + 1: 2 * j + 2] for j in pairs], dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def f(q, k, v, cos, sin, slots, k_cache, v_cache):
+        q, k = gathered_rope(q, cos, sin), gathered_rope(k, cos, sin)
+        k_cache[slots] = k
+        v_cache[slots] = v
+        return q
+
+    g = torch.Generator().manual_seed(14)
+    T = 4
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HKV, HKV))
+    cos, sin = (t[:, None] for t in angles(torch.arange(T), D, "half", "neox", torch.float32))
+    slots = torch.randperm(SLOTS, generator=g)[:T]
+    caches = [torch.randn(SLOTS, HKV, D, generator=g) for _ in range(2)]
+    d = graph_diff(f, q, k, v, cos, sin, slots, *caches, fusions=FUSION, backend="eager")
+    d.assert_not_fired("rope_kv_write")
+    assert any("strided slices (at most" in r for r in _near_misses(d)), _near_misses(d)
+
+
+# ------------------------------------------------------------------ in-place opaque RoPE ops
+@torch.library.custom_op("attnfuse_test::rope_inplace", mutates_args=("query", "key"))
+def _rope_inplace(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_size: int,
+                  cos_sin_cache: torch.Tensor, is_neox: bool) -> None:
+    """A CPU stand-in with FlashInfer's ``apply_rope_with_cos_sin_cache_inplace`` signature
+    and meaning: query/key ``(T, H * head_size)`` rotated in place on the first
+    ``cos_sin_cache.shape[1]`` features of each head, ``[cos | sin]`` rows by position."""
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    rd = cos_sin_cache.shape[1]
+    rope = rope_neox_chunk if is_neox else rope_gptj_stack
+    for x in (query, key):
+        heads = x.view(x.shape[0], -1, head_size)
+        heads[..., :rd] = rope(heads[..., :rd], cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+
+
+@_rope_inplace.register_fake
+def _(positions, query, key, head_size, cos_sin_cache, is_neox):
+    return None
+
+
+@torch.library.custom_op("attnfuse_test::rope_flat", mutates_args=())
+def _rope_flat(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_size: int,
+               cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The functional counterpart (FlashInfer's ``apply_rope_with_cos_sin_cache``)."""
+    q, k = query.clone(), key.clone()
+    _rope_inplace(positions, q, k, head_size, cos_sin_cache, is_neox)
+    return q, k
+
+
+@_rope_flat.register_fake
+def _(positions, query, key, head_size, cos_sin_cache, is_neox):
+    return torch.empty_like(query), torch.empty_like(key)
+
+
+@pytest.fixture
+def flashinfer_like_ops():
+    from attnfuse.fusions.rope_kv_write import FLASHINFER_ROPE_SPEC, register_rope_op
+
+    register_rope_op(torch.ops.attnfuse_test.rope_inplace.default, FLASHINFER_ROPE_SPEC)
+    register_rope_op(torch.ops.attnfuse_test.rope_flat.default, FLASHINFER_ROPE_SPEC)
+
+
+def _inplace_model(kind, *, neox=True, read_k=False, read_across=False, v_from_k=False):
+    """vLLM-style attention around an in-place RoPE: q/k/v split from one qkv projection
+    (``kind="split"``: the op rotates views of that buffer) or projected separately
+    (``"separate"``), or the functional op on flat q/k (``"functional"``)."""
+
+    def f(h, w, positions, cos_sin_cache, slots, k_cache, v_cache):
+        qkv = h @ w
+        if kind == "split":
+            q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+        else:
+            q = qkv[:, : HQ * D].contiguous()
+            k = qkv[:, HQ * D: (HQ + HKV) * D].contiguous()
+            v = qkv[:, (HQ + HKV) * D:]
+        if kind == "functional":
+            q, k = torch.ops.attnfuse_test.rope_flat(positions, q, k, D, cos_sin_cache, neox)
+        else:
+            torch.ops.attnfuse_test.rope_inplace(positions, q, k, D, cos_sin_cache, neox)
+        if v_from_k:
+            v = k * 2
+        k_cache.view(-1, HKV, D)[slots] = k.view(-1, HKV, D)
+        v_cache.view(-1, HKV, D)[slots] = v.reshape(-1, HKV, D)
+        keys = k_cache.view(-1, HKV, D)[:8].transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        values = v_cache.view(-1, HKV, D)[:8].transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(-1, HQ, D).transpose(0, 1), keys, values)
+        extra = k.sum(-1) if read_k else 0
+        if read_across:
+            extra = extra + qkv[:, HQ * D - 4: HQ * D + 4].sum(-1)
+        return out, extra
+
+    return f
+
+
+def _inplace_inputs(tokens=5, rotary_dim=D, seed=15):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, 32, generator=g)
+    w = torch.randn(32, (HQ + 2 * HKV) * D, generator=g) * 0.2
+    cos, sin = angles(torch.arange(40), rotary_dim, "half", "neox", torch.float32)
+    positions = torch.randint(0, 40, (tokens,), generator=g)
+    slots = torch.randperm(SLOTS, generator=g)[:tokens]
+    caches = [torch.randn(SLOTS // PAGE, PAGE, HKV, D, generator=g) for _ in range(2)]
+    return h, w, positions, torch.cat((cos, sin), -1), slots, *caches
+
+
+def _compare_inplace(f, args, fired, v2=True):
+    expected_caches = [c.clone() for c in args[-2:]]
+    expected = f(*args[:-2], *expected_caches)
+    with torch._inductor.config.patch(enable_auto_functionalized_v2=v2):
+        d = graph_diff(f, *args, fusions=FUSION, backend="eager")
+    d.assert_fired(rope_kv_write=fired)
+    torch.testing.assert_close(d.outputs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(list(args[-2:]), expected_caches, atol=1e-5, rtol=1e-5)
+    return d
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+@pytest.mark.parametrize("v2", [True, False], ids=["auto_functionalized_v2", "auto_functionalized"])
+@pytest.mark.parametrize("kind", ["split", "separate"])
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+def test_inplace_rope_op_is_fused(kind, neox, v2):
+    """The in-place call and both cache writes become one op; q, k and v keep their
+    values, whether q/k are views of the qkv buffer (v read from its untouched part) or
+    tensors of their own, and whichever auto_functionalized form functionalization used."""
+    d = _compare_inplace(_inplace_model(kind, neox=neox), _inplace_inputs(), fired=1, v2=v2)
+    assert "attnfuse_test.rope_inplace" not in d.after
+    assert "slice_scatter" not in d.after
+    style = "neox" if neox else "interleaved"
+    assert all(f"paged_nhd, {style}, rotary_dim={D}, in-place attnfuse_test.rope_inplace" in s.detail
+               for s in d.report.sites), d.report.table()
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_inplace_rope_partial_rotary_prefill_reads_k():
+    """A cos/sin cache narrower than the head: partial rotary; k read besides the write."""
+    f = _inplace_model("split", read_k=True)
+    d = _compare_inplace(f, _inplace_inputs(rotary_dim=8), fired=1)
+    assert "rotary_dim=8" in d.after and "return_k=True" in d.after
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_inplace_rope_single_token():
+    _compare_inplace(_inplace_model("split"), _inplace_inputs(tokens=1), fired=1)
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_functional_rope_op_on_flat_query_and_key():
+    """``(T, H * head_size)`` in and out: reshaped to heads for the op and back."""
+    d = _compare_inplace(_inplace_model("functional", read_k=True), _inplace_inputs(), fired=1)
+    assert "attnfuse_test.rope_flat" not in d.after
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_inplace_rope_buffer_read_across_query_and_key_is_a_near_miss():
+    f = _inplace_model("split", read_across=True)
+    d = _compare_inplace(f, _inplace_inputs(), fired=0)
+    assert "attnfuse_test.rope_inplace" in d.after
+    assert any("reads across the query/key it rotates" in r for r in _near_misses(d)), _near_misses(d)
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_inplace_rope_v_computed_from_rotated_k_is_a_near_miss():
+    f = _inplace_model("split", v_from_k=True)
+    d = _compare_inplace(f, _inplace_inputs(), fired=0)
+    assert any("v is computed from the buffer" in r for r in _near_misses(d)), _near_misses(d)
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+def test_inductor_reinplaces_the_fused_inplace_rope():
+    f = _inplace_model("split")
+    args = _inplace_inputs()
+    expected_caches = [c.clone() for c in args[-2:]]
+    expected = f(*args[:-2], *expected_caches)
+    d = graph_diff(f, *args, fusions=FUSION, backend="inductor")
+    d.assert_fired(rope_kv_write=1)
+    assert "rope_inplace" not in d.code
+    calls = [l for l in d.code.splitlines() if "torch.ops.attnfuse.rope_write_kv.default(" in l]
+    assert len(calls) == 1, d.code
+    torch.testing.assert_close(d.outputs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(list(args[-2:]), expected_caches, atol=1e-5, rtol=1e-5)
+
+
+def test_known_rope_ops_are_declared_when_they_exist():
+    from attnfuse.fusions.rope_kv_write import (
+        FLASHINFER_ROPE_SPEC,
+        KNOWN_ROPE_OPS,
+        register_known_rope_ops,
+    )
+
+    assert set(KNOWN_ROPE_OPS) == {"vllm::flashinfer_rotary_embedding", "_C::rotary_embedding"}
+    table = {"attnfuse_test::rope_inplace": FLASHINFER_ROPE_SPEC,
+             "attnfuse_test::no_such_rope": FLASHINFER_ROPE_SPEC}
+    assert register_known_rope_ops(table) == [torch.ops.attnfuse_test.rope_inplace.default]
+
+
+def test_register_rope_op_refuses_half_in_place_ops():
+    from attnfuse.fusions.rope_kv_write import RopeOpSpec, register_rope_op
+
+    @torch.library.custom_op("attnfuse_test::rope_half_inplace", mutates_args=("query",))
+    def half(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+             cos_sin_cache: torch.Tensor) -> None:
+        pass
+
+    with pytest.raises(ValueError, match=r"^spec: expected .* both in place or both functionally"):
+        register_rope_op(torch.ops.attnfuse_test.rope_half_inplace.default,
+                         RopeOpSpec(query="query", key="key", positions="positions",
+                                    cos_sin_cache="cos_sin_cache"))
+
+
+@pytest.mark.usefixtures("flashinfer_like_ops")
+@pytest.mark.parametrize("case", ["mla", "inplace"])
+def test_dynamic_token_count_mla_and_inplace(case):
+    """A symbolic token count (caches, weights and the cos/sin cache static, as serving
+    engines hold them): one graph, fused once per layer, right for every size."""
+    from attnfuse.passes.backend import AttnfuseBackend
+
+    backend = AttnfuseBackend({"fusions": FUSION}, inductor=False)
+    if case == "mla":
+        fn = MLAModel("neox_chunk", layers=1)
+
+        def inputs(n):
+            h, cos, sin, slots, caches = mla_inputs("neox_chunk", layers=1, tokens=n, seed=n)
+            return (h, cos, sin, slots), [t for c in caches for t in c], caches
+    else:
+        fn = _inplace_model("split")
+
+        def inputs(n):
+            args = _inplace_inputs(tokens=n, seed=n)
+            return args[:-2], [args[1], args[3], *args[-2:]], list(args[-2:])
+
+    torch._dynamo.reset()
+    try:
+        fast = torch.compile(fn, backend=backend, dynamic=True)
+        for n in (6, 4, 3):
+            args, static, caches = inputs(n)
+            for t in static:
+                torch._dynamo.mark_static(t)
+            copies = [tuple(t.clone() for t in c) if isinstance(c, tuple) else c.clone() for c in caches]
+            with torch.no_grad():
+                expected = fn(*args, copies) if case == "mla" else fn(*args, *copies)
+                got = fast(*args, caches) if case == "mla" else fast(*args, *caches)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(caches, copies, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert len(backend.report.graphs) == 1, backend.report.table()
+    assert backend.report.counts == {"rope_kv_write": 1}, backend.report.table()
