@@ -132,34 +132,40 @@ def test_serving_mla_prefill_layer_rewrite_is_pinned():
     with torch.no_grad():
         d = graph_diff(model.prefill, *example_inputs(model), backend="eager")
     d.assertExpectedInline(d.summary(), """\
-rope_kv_write: 0
+rope_kv_write: 1
 grouped_decode: 0
 mla_short_prefill: 1
 workspace_overlap: 0
-- aten.add.Tensor x1
+- aten.add.Tensor x2
 - aten.amax x1
 - aten.any.dim x1
 - aten.bmm x4
-- aten.cat x2
+- aten.cat x4
 - aten.clone x3
 - aten.div.Tensor x1
 - aten.eq.Scalar x1
 - aten.exp x1
 - aten.expand x6
 - aten.full x4
+- aten.index_put x2
 - aten.le.Scalar x1
 - aten.logical_and x1
 - aten.logical_not x2
 - aten.mul.Scalar x2
+- aten.mul.Tensor x4
+- aten.neg x2
 - aten.permute x5
 - aten.reshape x10
+- aten.split.Tensor x2
 - aten.sub.Tensor x2
 - aten.sum.dim_IntList x1
 - aten.unsqueeze x2
-- aten.where.self x2
-- prims.iota x2
-+ aten.arange.start_step x1
-+ attnfuse.mla_prefill x1""")
+- aten.where.self x1
+- prims.iota x1
++ aten.lt.Scalar x1
++ aten.squeeze.dim x1
++ attnfuse.mla_prefill x1
++ auto_functionalized(attnfuse.rope_write_kv) x1""")
 
 
 def test_serving_mla_decode_layer_rewrite_is_pinned():
@@ -180,14 +186,15 @@ def test_serving_mla_decode_layer_rewrite_is_pinned():
     assert [s.detail for s in d.report.sites if s.fusion == "grouped_decode"] == [
         "eager safe_softmax n_rep=8 shared-latent"], d.report.table()
     d.assertExpectedInline(d.summary(), """\
-rope_kv_write: 0
+rope_kv_write: 1
 grouped_decode: 1
 mla_short_prefill: 0
 workspace_overlap: 0
-- aten.add.Tensor x1
+- aten.add.Tensor x2
 - aten.amax x1
 - aten.any.dim x1
 - aten.bmm x2
+- aten.cat x2
 - aten.clone x1
 - aten.div.Tensor x1
 - aten.eq.Scalar x1
@@ -195,14 +202,18 @@ workspace_overlap: 0
 - aten.expand x6
 - aten.full x1
 - aten.index.Tensor x1
+- aten.index_put x2
 - aten.logical_not x2
 - aten.mul.Scalar x2
+- aten.mul.Tensor x4
+- aten.neg x2
 - aten.permute x1
 - aten.reshape x2
+- aten.split.Tensor x2
 - aten.sub.Tensor x1
 - aten.sum.dim_IntList x1
 - aten.unsqueeze x2
-- aten.where.self x1
++ aten.lt.Scalar x1
 + aten.squeeze.dim x1
 + attnfuse.grouped_decode x1
-+ getitem x1""")
++ auto_functionalized(attnfuse.rope_write_kv) x1""")
