@@ -1266,6 +1266,12 @@ def _parse_index_put(copy: fx.Node, base: fx.Node, ip: fx.Node, new_base: fx.Nod
         return "index is not one 1-D integer tensor"
     index = tensor_idx[0]
     n_index = _shape(index)[0]
+    if (len(indices) == 1 and not isinstance(n_index, int) and vshape
+            and isinstance(vshape[0], int) and vshape[0] > 1):
+        # a symbolic index length (automatic dynamic shapes mark the slot mapping) with
+        # a static token count: index_put broadcasts the value over the indexed rows only
+        # when the two are equal (else it raises, as the op's own check does at run time)
+        n_index = vshape[0]
     if view_shape is None and len(bshape) == 4 and len(indices) == 3 and indices[:2] == [None, None]:
         b, h, _, d = bshape
         if vshape != (b, h, n_index, d):

@@ -981,3 +981,37 @@ def test_dynamic_token_count_mla_and_inplace(case):
         torch._dynamo.reset()
     assert len(backend.report.graphs) == 1, backend.report.table()
     assert backend.report.counts == {"rope_kv_write": 1}, backend.report.table()
+
+
+def test_symbolic_slot_count_with_static_tokens_fuses():
+    """Automatic dynamic shapes can mark only the slot mapping: the value's static token
+    count then fixes the number of rows index_put writes."""
+    from attnfuse.examples.serving_gqa import (
+        ServingGQAConfig,
+        ServingGQAModel,
+        allocate_block_tables,
+        step_inputs,
+    )
+    from attnfuse.passes.backend import AttnfuseBackend
+
+    model = ServingGQAModel(ServingGQAConfig(num_layers=1))
+    tables = allocate_block_tables(model.config, 2)
+    backend = AttnfuseBackend({"fusions": FUSION}, inductor=False)
+    g = torch.Generator().manual_seed(5)
+    args = step_inputs(model.config, torch.randint(0, 512, (2, 3), generator=g), 0, tables)
+    torch._dynamo.reset()
+    try:
+        model.reset_cache()
+        with torch.no_grad():
+            expected = model(*args, True)
+        expected_k = model.layers[0].self_attn.k_cache.clone()
+        model.reset_cache()
+        slots = args[2].clone()
+        torch._dynamo.mark_dynamic(slots, 0)
+        with torch.no_grad():
+            got = torch.compile(model, backend=backend)(args[0], args[1], slots, *args[3:], True)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.layers[0].self_attn.k_cache, expected_k)
+    assert backend.report.counts == {"rope_kv_write": 1}, backend.report.table()
