@@ -271,27 +271,20 @@ def test_sdpa_math_path_latent_broadcast_is_shared_latent(dtype, tol):
     torch.testing.assert_close(d.outputs, expected, **tol)
 
 
-def test_sdpa_math_path_mqa_with_separate_values():
-    """Same broadcast, V a tensor of its own: one KV head, K and V read separately."""
+@pytest.mark.parametrize("dv, detail", [
+    # V a tensor of its own: one KV head, K and V read separately (math path: Dk != Dv)
+    (DV_LATENT, f"eager safe_softmax n_rep={HQ}"),
+    # Dk == Dv: CPU SDPA keeps its flash op; the broadcast KV row is one KV head
+    (D_LATENT, f"sdpa _scaled_dot_product_flash_attention_for_cpu n_rep={HQ}"),
+], ids=["math-path-separate-v", "cpu-flash-op"])
+def test_broadcast_kv_row_with_separate_values(dv, detail):
     torch.manual_seed(6)
     q, latent = torch.randn(B, HQ, 1, D_LATENT), torch.randn(B, S, D_LATENT)
-    values = torch.randn(B, S, DV_LATENT)
+    values = torch.randn(B, S, dv)
     keep = _keep_with_empty_row()[:, 0, 0]
     d = _diff(sdpa_math_latent, q, latent, keep, values)
     d.assert_fired(grouped_decode=1)
-    assert _details(d) == [f"eager safe_softmax n_rep={HQ}"]
-    torch.testing.assert_close(d.outputs, sdpa_math_latent(q, latent, keep, values), **F32_TOL)
-
-
-def test_sdpa_flash_op_over_broadcast_kv_row():
-    """Dk == Dv: CPU SDPA keeps its flash op; the broadcast KV row is one KV head."""
-    torch.manual_seed(8)
-    q, latent = torch.randn(B, HQ, 1, D_LATENT), torch.randn(B, S, D_LATENT)
-    values = torch.randn(B, S, D_LATENT)
-    keep = _keep_with_empty_row()[:, 0, 0]
-    d = _diff(sdpa_math_latent, q, latent, keep, values)
-    d.assert_fired(grouped_decode=1)
-    assert _details(d) == [f"sdpa _scaled_dot_product_flash_attention_for_cpu n_rep={HQ}"]
+    assert _details(d) == [detail]
     torch.testing.assert_close(d.outputs, sdpa_math_latent(q, latent, keep, values), **F32_TOL)
 
 

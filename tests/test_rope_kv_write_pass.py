@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from attnfuse.examples.serving_gqa import step_inputs
 from attnfuse.passes.testing import graph_diff
 
 FUSION = ["rope_kv_write"]
@@ -533,19 +534,20 @@ def test_inductor_reinplaces_views_of_a_shared_buffer():
     torch.testing.assert_close(args[-1], expected_kv, atol=1e-5, rtol=1e-5)
 
 
-def test_dynamic_token_count_fuses_without_specializing():
-    """vLLM-style compiles keep the token count symbolic: one graph serves every size."""
-    from attnfuse.examples.serving_gqa import (
-        ServingGQAConfig,
-        ServingGQAModel,
-        allocate_block_tables,
-        step_inputs,
-    )
+def _one_layer_serving_gqa():
+    """A one-layer serving GQA model, block tables for 2 sequences, and a backend running
+    this fusion without code generation."""
+    from attnfuse.examples.serving_gqa import ServingGQAConfig, ServingGQAModel, allocate_block_tables
     from attnfuse.passes.backend import AttnfuseBackend
 
     model = ServingGQAModel(ServingGQAConfig(num_layers=1))
     tables = allocate_block_tables(model.config, 2)
-    backend = AttnfuseBackend({"fusions": FUSION}, inductor=False)
+    return model, tables, AttnfuseBackend({"fusions": FUSION}, inductor=False)
+
+
+def test_dynamic_token_count_fuses_without_specializing():
+    """vLLM-style compiles keep the token count symbolic: one graph serves every size."""
+    model, tables, backend = _one_layer_serving_gqa()
     torch._dynamo.reset()
     try:
         fast = torch.compile(model, backend=backend, dynamic=True)
@@ -986,17 +988,7 @@ def test_dynamic_token_count_mla_and_inplace(case):
 def test_symbolic_slot_count_with_static_tokens_fuses():
     """Automatic dynamic shapes can mark only the slot mapping: the value's static token
     count then fixes the number of rows index_put writes."""
-    from attnfuse.examples.serving_gqa import (
-        ServingGQAConfig,
-        ServingGQAModel,
-        allocate_block_tables,
-        step_inputs,
-    )
-    from attnfuse.passes.backend import AttnfuseBackend
-
-    model = ServingGQAModel(ServingGQAConfig(num_layers=1))
-    tables = allocate_block_tables(model.config, 2)
-    backend = AttnfuseBackend({"fusions": FUSION}, inductor=False)
+    model, tables, backend = _one_layer_serving_gqa()
     g = torch.Generator().manual_seed(5)
     args = step_inputs(model.config, torch.randint(0, 512, (2, 3), generator=g), 0, tables)
     torch._dynamo.reset()
