@@ -231,6 +231,13 @@ def test_negative_slots_keep_index_put_semantics():
 
 
 # ------------------------------------------------------------------ negative cases
+def _flat_tokens(g, T):
+    """q, k, v ``(T, heads, D)`` and neox half-width cos/sin at positions ``0..T-1``."""
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HKV, HKV))
+    cos, sin = (t[:, None] for t in angles(torch.arange(T), D, "half", "neox", torch.float32))
+    return q, k, v, cos, sin
+
+
 def _near_misses(d):
     return [m.reason for m in d.report.near_misses if m.fusion == "rope_kv_write"]
 
@@ -244,8 +251,7 @@ def test_k_and_v_indexed_differently_is_a_near_miss():
 
     g = torch.Generator().manual_seed(2)
     T = 4
-    q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HKV, HKV))
-    cos, sin = (t[:, None] for t in angles(torch.arange(T), D, "half", "neox", torch.float32))
+    q, k, v, cos, sin = _flat_tokens(g, T)
     sk, sv = torch.randperm(SLOTS, generator=g)[:T], torch.randperm(SLOTS, generator=g)[:T]
     caches = [torch.randn(SLOTS, HKV, D, generator=g) for _ in range(2)]
     d = graph_diff(f, q, k, v, cos, sin, sk, sv, *caches, fusions=FUSION, backend="eager")
@@ -266,8 +272,7 @@ def test_intermediate_of_k_rotation_used_elsewhere_is_a_near_miss():
 
     g = torch.Generator().manual_seed(3)
     T = 4
-    q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HKV, HKV))
-    cos, sin = (t[:, None] for t in angles(torch.arange(T), D, "half", "neox", torch.float32))
+    q, k, v, cos, sin = _flat_tokens(g, T)
     slots = torch.randperm(SLOTS, generator=g)[:T]
     caches = [torch.randn(SLOTS, HKV, D, generator=g) for _ in range(2)]
     d = graph_diff(f, q, k, v, cos, sin, slots, *caches, fusions=FUSION, backend="eager")
@@ -746,8 +751,7 @@ def test_irregular_feature_permutation_is_a_near_miss():
 
     g = torch.Generator().manual_seed(14)
     T = 4
-    q, k, v = (torch.randn(T, h, D, generator=g) for h in (HQ, HKV, HKV))
-    cos, sin = (t[:, None] for t in angles(torch.arange(T), D, "half", "neox", torch.float32))
+    q, k, v, cos, sin = _flat_tokens(g, T)
     slots = torch.randperm(SLOTS, generator=g)[:T]
     caches = [torch.randn(SLOTS, HKV, D, generator=g) for _ in range(2)]
     d = graph_diff(f, q, k, v, cos, sin, slots, *caches, fusions=FUSION, backend="eager")
