@@ -11,6 +11,10 @@ Run on 2 GPUs (NCCL) or 2 CPU processes (gloo)::
     torchrun --nproc-per-node 2 examples/tensor_parallel.py            # checks tokens
     torchrun --nproc-per-node 2 examples/tensor_parallel.py --ctx 32768 --bench
 
+With ``mode="reduce-overhead"`` the all-reduces are captured in CUDA graphs; free those
+graphs (``torch._dynamo.reset()``) before ``destroy_process_group``, whose NCCL teardown
+otherwise hangs (pytorch/pytorch#115388; ``benchmarks/bench_tensor_parallel.py`` does so).
+
 ``build_full`` makes the single-process model; ``shard`` cuts its weights for one rank,
 so the test can check that the sharded, patched model gives the same output.
 """
