@@ -10,7 +10,9 @@ late in a long generation). Variants, all in one run:
 
 * ``eager``: the HF model as is (SDPA + ``repeat_kv`` over the whole static cache);
 * ``inductor`` / ``inductor+cg``: ``torch.compile`` (``mode="reduce-overhead"`` for +cg);
-* ``attnfuse`` / ``attnfuse+cg``: ``backend="attnfuse"``, same modes.
+* ``attnfuse`` / ``attnfuse+cg``: ``backend="attnfuse"``, same modes;
+* ``attnfuse[op calls]``: ``options={"inline_kernels": False}``, the ops called through
+  the dispatcher instead of their kernels launched by Inductor's code (host time).
 
 The memory floor per step is the bytes every step must read once: the layers' weights,
 the LM head (``logits_to_keep=1`` still reads it whole) and the KV cache up to ``ctx``,
@@ -137,6 +139,8 @@ def main() -> None:
             "eager": lambda: model.forward,
             "inductor": lambda: torch.compile(model.forward),
             "attnfuse": lambda: torch.compile(model.forward, backend="attnfuse"),
+            "attnfuse[op calls]": lambda: torch.compile(model.forward, backend="attnfuse",
+                                                        options={"inline_kernels": False}),
         }
         if not DRY_RUN:
             variants["inductor+cg"] = lambda: torch.compile(model.forward, mode="reduce-overhead")

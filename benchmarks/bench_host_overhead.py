@@ -8,8 +8,10 @@ synchronization inside the timed loop (GPU work queues up asynchronously):
   Triton launcher directly, at Llama-3-8B decode shapes (B=1, 32 q / 8 kv heads,
   head_dim 128, bf16, static cache of ``CTX``);
 * baselines: an SDPA call and one elementwise op;
-* a torch.profiler table of one compiled decode step of the HF model (``attnfuse``
-  backend, no CUDA graphs): the ops with the largest self CPU time.
+* one compiled 2-layer decode step of the HF model, no CUDA graphs, issue time (host)
+  and wall time: ``attnfuse`` (kernels launched by Inductor's code), ``attnfuse`` with
+  ``inline_kernels`` off (op calls), and plain Inductor; a torch.profiler table of the
+  first: the ops with the largest self CPU time.
 """
 
 from __future__ import annotations
@@ -138,52 +140,41 @@ def main() -> None:
     cache = make_static_cache(model, batch_size=1, max_cache_len=CTX)
     for layer in cache.layers:
         layer.cumulative_length.fill_(CTX // 2)
-    fwd = torch.compile(model.forward, backend="attnfuse")
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-
-    def step(i: int):
-        pos = torch.full((1, 1), CTX // 2 + i, device=dev, dtype=torch.long)
-        return fwd(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
+    variants = {
+        "attnfuse": lambda: torch.compile(model.forward, backend="attnfuse"),
+        "attnfuse, op calls (inline_kernels off)": lambda: torch.compile(
+            model.forward, backend="attnfuse", options={"inline_kernels": False}),
+        "Inductor": lambda: torch.compile(model.forward),
+    }
+    prof = None
     with torch.no_grad():
-        for i in range(5):
-            step(i)
-        for fast in ("0", "1"):
-            os.environ["ATTNFUSE_FAST_LAUNCH"] = fast
-            for i in range(3):
+        for name, make in variants.items():
+            torch._dynamo.reset()  # else the frame compiled for the previous variant is reused
+            fwd = make()
+
+            def step(i: int, fwd=fwd):
+                pos = torch.full((1, 1), CTX // 2 + i, device=dev, dtype=torch.long)
+                return fwd(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+
+            for i in range(8):
                 step(i)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for i in range(20):
-                step(5 + i)
+                step(8 + i)
             host_ms = (time.perf_counter() - t0) * 1e3 / 20
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3 / 20
-            tag = "" if fast == "1" else " [slow launch]"
-            print(f"compiled 2-layer decode step{tag}: host {host_ms:.2f} ms issue, "
-                  f"{wall_ms:.2f} ms wall per step")
-            rows.append(dict(call=f"compiled 2-layer HF decode step (issue time){tag}",
-                             host_us=host_ms * 1e3))
-            rows.append(dict(call=f"compiled 2-layer HF decode step (wall){tag}",
-                             host_us=wall_ms * 1e3))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for i in range(5):
-                step(30 + i)
-            torch.cuda.synchronize()
-        torch._dynamo.reset()  # else the attnfuse-compiled frame is reused
-        ind = torch.compile(model.forward)
-        for i in range(5):
-            ind(input_ids=tok, position_ids=torch.full((1, 1), CTX // 2 + i, device=dev),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(20):
-            ind(input_ids=tok, position_ids=torch.full((1, 1), CTX // 2 + i, device=dev),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-        host_ms = (time.perf_counter() - t0) * 1e3 / 20
-        torch.cuda.synchronize()
-        print(f"inductor 2-layer decode step: host {host_ms:.2f} ms issue")
-        rows.append(dict(call="Inductor 2-layer HF decode step (issue time)", host_us=host_ms * 1e3))
+            print(f"{name} 2-layer decode step: host {host_ms:.2f} ms issue, {wall_ms:.2f} ms wall", flush=True)
+            rows.append(dict(call=f"compiled 2-layer HF decode step, {name} (issue time)", host_us=host_ms * 1e3))
+            rows.append(dict(call=f"compiled 2-layer HF decode step, {name} (wall)", host_us=wall_ms * 1e3))
+            if prof is None:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for i in range(5):
+                        step(30 + i)
+                    torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     write_results("host_overhead", rows, ["call", "host_us"],
                   title="Host time per call (no CUDA graphs)",

@@ -300,17 +300,37 @@ def _cache_strides(cache: torch.Tensor, layout: str) -> tuple[tuple[int, ...], i
 
 def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
             rotary_dim, style, k_scale, v_scale, return_k, num_warps=None):
-    from .kernels.rope_write_kv import rope_write_kv_launch
-
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         # the kernel assumes contiguous features; such caches are rare: stay correct
         return _reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index,
                           cache_layout, rotary_dim, style, k_scale, v_scale, return_k)
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=q.device)
+
+    q_out, k_out, launch = plan_kernel(
+        q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout, rotary_dim,
+        style, k_scale, v_scale, return_k, empty=empty, num_warps=num_warps)
+    if launch is not None:
+        launch()
+    return q_out, (k_out if k_out is not None else k.new_empty(0))
+
+
+def plan_kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
+                rotary_dim, style, k_scale, v_scale, return_k, *, empty, num_warps=None):
+    """``(q_out, k_out or None, launch or None)`` of one call, without launching.
+
+    Every feature (last) dim must have stride 1. ``q_out``/``k_out`` come from
+    ``empty(shape, dtype)``: real tensors for a call, fake ones when the launch is put
+    into a compiled graph (``attnfuse.passes.inline_kernels``).
+    """
+    from .kernels.rope_write_kv import plan_rope_write_kv_launch
+
     tok = tuple(q.shape[:-2])
     batch, seq_len = (1, tok[0]) if len(tok) == 1 else tok
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if return_k else None
+    q_out = empty(tuple(q.shape), q.dtype)
+    k_out = empty(tuple(k.shape), k.dtype) if return_k else None
     strides = {"q": _token_strides(q), "k": _token_strides(k), "v": _token_strides(v),
                "index": _broadcast_strides(cache_index, tok, 0)}
     if positions is not None:
@@ -322,7 +342,7 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
         strides["sin"] = _broadcast_strides(sin, tok, 1)
     strides["k_cache"], page = _cache_strides(k_cache, cache_layout)
     strides["v_cache"], _ = _cache_strides(v_cache, cache_layout)
-    rope_write_kv_launch(
+    launch = plan_rope_write_kv_launch(
         q, k, v, q_out, k_out, cos, sin, positions, cache_index, k_cache, v_cache,
         batch=batch, seq_len=seq_len, num_q_heads=q.shape[-2], num_kv_heads=k.shape[-2],
         head_dim=q.shape[-1], head_dim_v=v.shape[-1], rotary_dim=rotary_dim,
@@ -330,7 +350,7 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
         page_size=page, index_is_position=cache_layout == "static",
         k_scale=k_scale, v_scale=v_scale, num_warps=num_warps,
     )
-    return q_out, (k_out if k_out is not None else k.new_empty(0))
+    return q_out, k_out, launch
 
 
 # ------------------------------------------------------------------ the op

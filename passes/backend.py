@@ -58,6 +58,7 @@ class AttnfuseBackend:
             chained=chained,
             observers=self.observers,
             sinks=(self.report,),
+            inline_kernels=self.inductor and self.options.inline_kernels,
         )
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
@@ -136,5 +137,5 @@ def fusion_pass(name: str, options: Mapping[str, Any] | None = None) -> PassMana
     >>> inductor_config.post_grad_custom_pre_pass = attnfuse.fusion_pass("rope_kv_write")
     """
     opts = split_options({"fusions": [name], **({name: dict(options)} if options else {})})
-    return PassManager(opts.fusions)
+    return PassManager(opts.fusions, inline_kernels=True)
 

@@ -12,7 +12,10 @@ many hand-written attentions into SDPA), it
    order) and dead-code elimination;
 4. runs a pass that was already installed in the slot (the user's or an engine's), so
    installing attnfuse composes instead of overwriting;
-5. publishes the graph's report.
+5. with ``inline_kernels`` (the ``attnfuse`` backend), puts op calls into the graph as
+   kernel launches Inductor issues (``passes.inline_kernels``), after the observers saw
+   the op calls;
+6. publishes the graph's report.
 
 ``uuid()`` hashes the source files of this package that decide what the passes emit, the
 enabled fusions and their options, the chained pass's uuid, and the torch, triton and
@@ -96,8 +99,10 @@ class PassManager(CustomGraphPass):
         chained: Any = None,
         observers: Sequence[GraphObserver] = (),
         sinks: Sequence[FusionReport] = (),
+        inline_kernels: bool = False,
     ) -> None:
         self.fusions = list(fusions)
+        self.inline_kernels = inline_kernels
         self.strict = strict
         self.chained = chained
         self.observers = tuple(observers)
@@ -140,8 +145,26 @@ class PassManager(CustomGraphPass):
         if self.chained is not None:
             self.chained(graph)
         self._observe("after", graph)
+        if self.inline_kernels:
+            self._inline(graph, report)
         log.debug("attnfuse graph %s: passes took %.1f ms", report.graph, 1e3 * (time.perf_counter() - start))
         publish(report, self.sinks)
+
+    def _inline(self, graph: fx.Graph, report: GraphReport) -> None:
+        from .inline_kernels import inline_kernels
+
+        snapshot = None if self.strict else _graph_snapshot(graph)
+        try:
+            report.inlined = inline_kernels(graph)
+            graph.lint()
+        except Exception as exc:
+            if self.strict:
+                raise
+            assert snapshot is not None
+            _restore(graph, snapshot)  # the op calls stay: slower to issue, same result
+            msg = f"inline_kernels raised {type(exc).__name__}: {exc}; op calls kept"
+            report.errors.append(msg)
+            log.warning("attnfuse: %s", msg, exc_info=log.isEnabledFor(logging.DEBUG))
 
     @staticmethod
     def _cleanup(graph: fx.Graph) -> None:
@@ -171,6 +194,7 @@ class PassManager(CustomGraphPass):
                 ",".join(self.names),
                 "|".join(f"{f.name}:{f.cache_key()}" for f in self.fusions),
                 f"strict={self.strict}",
+                f"inline_kernels={self.inline_kernels}",
                 f"chained={chained_uuid!r}",
             ]
         )

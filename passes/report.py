@@ -95,6 +95,9 @@ class GraphReport:
     near_misses: list[NearMiss] = field(default_factory=list)
     from_cache: bool = False
     errors: list[str] = field(default_factory=list)
+    #: op calls put into the graph as kernel launches (``"inlined"``) or left as calls,
+    #: by reason (``passes.inline_kernels``)
+    inlined: dict[str, int] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -28,6 +28,7 @@ path off (benchmarks compare both).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,3 +101,24 @@ class Launcher:
             if len(self._cache) >= MAX_ENTRIES:
                 self._cache.clear()
             self._cache[key] = (kernel, tuple(constexprs[n] for n in tail_names))
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One planned launch: ``launcher``'s kernel on ``grid`` with ``args`` (runtime
+    arguments in signature order) and ``constexprs``. ``writes`` are the positions in
+    ``args`` of the tensors the kernel stores to; every other tensor is only read.
+    Calling it launches; ``attnfuse.passes.inline_kernels`` instead puts it into a
+    compiled graph, where Inductor launches it."""
+
+    launcher: Launcher
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    writes: tuple[int, ...] = ()
+
+    def __call__(self) -> None:
+        self.launcher(self.grid, self.args, self.constexprs, num_warps=self.num_warps,
+                      num_stages=self.num_stages)

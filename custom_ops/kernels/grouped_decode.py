@@ -49,13 +49,14 @@ leading strides so both layouts share one address computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launcher
+from ._launch import KernelLaunch, Launcher
 
 # ------------------------------------------------------------------ named limits
 #: tl.dot needs at least 16 rows; a tile of query heads is padded up to this
@@ -159,6 +160,9 @@ def _grouped_decode_stage1(
         q_t = tl.load(q_rows + HEAD_DA + offs_dt[None, :],
                       mask=head_ok[:, None] & (offs_dt[None, :] < HEAD_DT), other=0.0)
 
+    # float scalars come as fp32 from Triton's launcher, as fp64 from Inductor's code
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     if HAS_K_SCALE:
         # dequantization of fp8 K (cache * k_scale) folds into the logit scale
         sm_scale = sm_scale * tl.load(KScale).to(tl.float32)
@@ -389,6 +393,43 @@ def grouped_decode_kernel(
     ``overrides`` (``num_kv_splits``, ``block_h``, ``block_n``, ``num_warps``,
     ``num_stages``) force settings for tests and tuning.
     """
+    q = _last_dim_contiguous(q)
+    k_cache = _last_dim_contiguous(k_cache)
+    if v_cache is not None:
+        v_cache = _last_dim_contiguous(v_cache)
+    mask_is_bool = mask is not None and mask.dtype == torch.bool
+    if mask_is_bool:
+        mask = mask.view(torch.uint8)
+    device = q.device
+
+    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    out, lse, config, launches = plan_grouped_decode(
+        q, k_cache, v_cache, block_table=block_table, seq_lens=seq_lens, mask=mask,
+        mask_is_bool=mask_is_bool, scale=scale,
+        softcap=softcap, window=window, k_scale=k_scale, v_scale=v_scale,
+        v_head_dim=v_head_dim, empty=empty, config=config, **overrides)
+    for launch in launches:
+        launch()
+    return out, lse, config
+
+
+def plan_grouped_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, *,
+    block_table: torch.Tensor | None, seq_lens: torch.Tensor | None,
+    mask: torch.Tensor | None, mask_is_bool: bool, scale: float, softcap: float, window: int,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, v_head_dim: int | None,
+    empty: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+    config: DecodeConfig | None = None, **overrides: int,
+) -> tuple[torch.Tensor, torch.Tensor, DecodeConfig, list[KernelLaunch]]:
+    """Outputs, settings and the kernel launches of one call, without launching.
+
+    Inputs must have a contiguous last dim and a bool mask must come as its uint8 view
+    (``mask_is_bool``). Every buffer, scratch included, comes from ``empty(shape,
+    dtype)`` (contiguous): real tensors for a call, fake ones when the launches are put
+    into a compiled graph (``attnfuse.passes.inline_kernels``).
+    """
     paged = block_table is not None
     shared_kv = v_cache is None
     batch, num_q_heads, head_dim_k = q.shape
@@ -403,9 +444,7 @@ def grouped_decode_kernel(
         config = decode_settings(batch=batch, num_kv_heads=num_kv_heads, group_size=group_size,
                                  head_dim_k=head_dim_k, capacity=capacity, device=q.device,
                                  paged=paged, **overrides)
-    q = _last_dim_contiguous(q)
-    k_cache = _last_dim_contiguous(k_cache)
-    v = k_cache if shared_kv else _last_dim_contiguous(v_cache)
+    v = k_cache if shared_kv else v_cache
     # K splits into the part multiplied with V's columns (shared-latent mode) and a tail
     head_da = head_dv if shared_kv else head_dim_k
     head_dt = head_dim_k - head_da
@@ -422,33 +461,31 @@ def grouped_decode_kernel(
         k0, k1, kh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
         v0, v1, vh = v.stride(0), v.stride(2), v.stride(1)
 
+    out = empty((batch, num_q_heads, head_dv), q.dtype)
+    lse = empty((batch, num_q_heads), torch.float32)
     has_mask = mask is not None
-    mask_is_bool = has_mask and mask.dtype == torch.bool
     if has_mask:
-        mask_arg = mask.view(torch.uint8) if mask_is_bool else mask
         stride_mb = 0 if mask.shape[0] == 1 else mask.stride(0)
         stride_ms = mask.stride(1)
     else:
-        mask_arg, stride_mb, stride_ms = q, 0, 0  # never read
-    dummy_int = torch.empty(1, dtype=torch.int32, device=q.device)
-
-    out = torch.empty(batch, num_q_heads, head_dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, num_q_heads, dtype=torch.float32, device=q.device)
+        mask, stride_mb, stride_ms = q, 0, 0  # never read
+    needs_int = not paged or seq_lens is None
+    dummy_int = empty((1,), torch.int32) if needs_int else None  # never read
     splits = config.num_kv_splits
     if splits > 1:
         # uninitialized on purpose: stage 2 reads only what stage 1 wrote
-        partial_out = torch.empty(batch, num_q_heads, splits, head_dv, dtype=torch.float32,
-                                  device=q.device)
-        partial_lse = torch.empty(batch, num_q_heads, splits, dtype=torch.float32, device=q.device)
+        partial_out = empty((batch, num_q_heads, splits, head_dv), torch.float32)
+        partial_lse = empty((batch, num_q_heads, splits), torch.float32)
     else:
         partial_out, partial_lse = out, lse  # never written
     tiles_per_group = triton.cdiv(group_size, config.block_h)
     has_window = window is not None and window >= 0
 
-    _STAGE1(
+    stage1 = KernelLaunch(
+        _STAGE1,
         (batch, num_kv_heads * tiles_per_group, splits),
         (q, k_cache, v, block_table if paged else dummy_int,
-         seq_lens if seq_lens is not None else dummy_int, mask_arg,
+         seq_lens if seq_lens is not None else dummy_int, mask,
          k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
          partial_out, partial_lse, out, lse,
          scale, softcap, window if has_window else 0, capacity, group_size,
@@ -467,20 +504,23 @@ def grouped_decode_kernel(
              HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
              HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None),
         num_warps=config.num_warps, num_stages=config.num_stages,
+        writes=(8, 9) if splits > 1 else (10, 11),
     )
-    if splits > 1:
-        merge_dv = min(block_dv, MERGE_DV_CHUNK)
-        _STAGE2(
-            (batch, num_q_heads, triton.cdiv(head_dv, merge_dv)),
-            (partial_out, partial_lse, seq_lens if seq_lens is not None else dummy_int, out, lse,
-             capacity, window if has_window else 0,
-             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-             partial_lse.stride(0), partial_lse.stride(1),
-             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
-            dict(HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
-                 BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
-                 SPLIT_ALIGN=config.block_n,
-                 HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
-            num_warps=4,
-        )
-    return out, lse, config
+    if splits == 1:
+        return out, lse, config, [stage1]
+    merge_dv = min(block_dv, MERGE_DV_CHUNK)
+    stage2 = KernelLaunch(
+        _STAGE2,
+        (batch, num_q_heads, triton.cdiv(head_dv, merge_dv)),
+        (partial_out, partial_lse, seq_lens if seq_lens is not None else dummy_int, out, lse,
+         capacity, window if has_window else 0,
+         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+         partial_lse.stride(0), partial_lse.stride(1),
+         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+        dict(HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
+             BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
+             SPLIT_ALIGN=config.block_n,
+             HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
+        num_warps=4, num_stages=3, writes=(3, 4),
+    )
+    return out, lse, config, [stage1, stage2]

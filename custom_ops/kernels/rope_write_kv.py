@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launcher
+from ._launch import KernelLaunch, Launcher
 
 #: programs a launch should reach before head tiles stop being split: two waves on a
 #: 132-SM H100, enough to hide the memory latency of the short per-program work
@@ -272,7 +272,7 @@ def _rope_write_kv_kernel(
 _ROPE_WRITE_KV = Launcher(_rope_write_kv_kernel)
 
 
-def rope_write_kv_launch(
+def plan_rope_write_kv_launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_out: torch.Tensor, k_out: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None, index: torch.Tensor,
@@ -283,8 +283,9 @@ def rope_write_kv_launch(
     strides: dict[str, tuple[int, ...]], page_size: int, index_is_position: bool,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
     num_warps: int | None = None,
-) -> None:
-    """Launch the kernel on validated arguments; no tensor is created or viewed here.
+) -> KernelLaunch | None:
+    """The kernel launch for validated arguments (``None``: no tokens, nothing to do);
+    no tensor is created or viewed here. Calling the result launches it.
 
     Every feature (last) dim must have stride 1, and ``q_out``/``k_out`` must be
     contiguous; the op's wrapper ensures both.
@@ -298,13 +299,14 @@ def rope_write_kv_launch(
     """
     num_tokens = batch * seq_len
     if num_tokens == 0:
-        return
+        return None
     cfg = launch_settings(num_tokens, num_q_heads, num_kv_heads, head_dim, num_warps)
     st = strides
     ko = k_out if k_out is not None else q_out  # unused when RETURN_K is off
     half = rotary_dim // 2
     grid = (num_tokens, cfg.num_head_tiles)
-    _ROPE_WRITE_KV(
+    return KernelLaunch(
+        _ROPE_WRITE_KV,
         grid,
         (q, k, v, cos, sin, positions if positions is not None else index, index,
          q_out, ko, k_cache, v_cache,
@@ -323,5 +325,7 @@ def rope_write_kv_launch(
              RETURN_K=k_out is not None,
              QUANTIZE_K=k_cache.dtype in FP8_DTYPES, QUANTIZE_V=v_cache.dtype in FP8_DTYPES,
              K_QMAX=FP8_MAX.get(k_cache.dtype, 0.0), V_QMAX=FP8_MAX.get(v_cache.dtype, 0.0)),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=3,
+        # q_out, k_out (when returned), k_cache, v_cache
+        writes=(7, 8, 9, 10) if k_out is not None else (7, 9, 10),
     )

@@ -1,0 +1,260 @@
+"""Let Inductor launch the ops' Triton kernels itself (host time per decode step).
+
+A call of an ``attnfuse::`` op from compiled code goes through the dispatcher, the op's
+Python body (validation, settings, buffer allocation) and its launcher: 130-160 us of
+host time per call on H100 hosts against 20-40 us for one Inductor kernel launch
+(``benchmarks/results/host_overhead.md``). Without CUDA graphs that host time is the
+decode step time at small batch. After the fusions ran, this step replaces each op call
+whose inputs are static-shaped CUDA tensors by what the call would do at run time:
+
+* the buffers it would allocate become ``empty`` nodes (Inductor plans them);
+* each kernel launch becomes a ``triton_kernel_wrapper_functional`` node, the form
+  ``torch.library.wrap_triton`` produces: the kernel, its grid and its scalar arguments
+  fixed now, its tensor arguments graph values, ``tensors_to_clone`` the tensors it
+  writes. Inductor's reinplacing turns the writes into writes of the buffers themselves
+  (no clone: they are fresh ``empty`` nodes) and its code generation launches the kernel
+  from the compiled module, like its own kernels.
+
+The launches come from the same planning function the op runs
+(``kernels.grouped_decode.plan_grouped_decode``), applied to the nodes' fake tensors, so
+settings, grid and strides are the op's own. A call is left as it is (and still correct)
+when a shape or stride is symbolic (the settings depend on sizes), a tensor is not on
+CUDA, an input needs a copy the op would make (last dim not contiguous), or its results
+are used other than by indexing. The report and the graph observers see the op calls
+(this runs after them). ``options={"inline_kernels": False}`` turns it off.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+#: (kernel, num_warps, num_stages) -> the single-config autotuner Inductor gets
+_WRAPPED: dict[tuple[Any, int, int], Any] = {}
+
+
+def _val(x: Any) -> Any:
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def _static(t: torch.Tensor) -> bool:
+    return all(isinstance(s, int) for s in (*t.shape, *t.stride()))
+
+
+def _bind(node: fx.Node) -> dict[str, Any]:
+    """The op call's arguments by schema name (defaults filled)."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = getattr(arg, "default_value", None)
+    return out
+
+
+def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
+    """``fn`` as a one-config autotuner: how Inductor takes a user kernel's warps and stages."""
+    import triton
+
+    key = (fn, num_warps, num_stages)
+    if key not in _WRAPPED:
+        _WRAPPED[key] = triton.autotune(
+            configs=[triton.Config({}, num_warps=num_warps, num_stages=num_stages)], key=[])(fn)
+    return _WRAPPED[key]
+
+
+class _Emitter:
+    """Puts planned launches into ``graph`` before ``anchor``."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode: Any) -> None:
+        self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
+        #: id(fake tensor) -> the node holding its current value
+        self.node_of: dict[int, fx.Node] = {}
+        self._keep: list[torch.Tensor] = []  # ids stay unique while the fakes live
+
+    def bind(self, fake: torch.Tensor, node: fx.Node) -> None:
+        self._keep.append(fake)
+        self.node_of[id(fake)] = node
+
+    def _call(self, target: Any, args: tuple, kwargs: dict, val: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta["val"] = val
+        node.meta["stack_trace"] = self.anchor.meta.get("stack_trace")
+        return node
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with self.fake_mode:
+            fake = torch.empty(shape, dtype=dtype, device=device)
+        self.bind(fake, self._call(torch.ops.aten.empty.memory_format, (list(shape),),
+                                   {"dtype": dtype, "device": device}, fake))
+        return fake
+
+    def view_dtype(self, fake_in: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        fake = fake_in.view(dtype)
+        self.bind(fake, self._call(torch.ops.aten.view.dtype, (self.node_of[id(fake_in)], dtype), {}, fake))
+        return fake
+
+    def launch(self, launch: Any) -> None:
+        from torch._higher_order_ops.triton_kernel_wrap import (
+            kernel_side_table,
+            triton_kernel_wrapper_functional,
+        )
+
+        fn = launch.launcher.fn
+        names = list(fn.arg_names)
+        tensors: dict[str, fx.Node] = {}
+        constants: dict[str, Any] = dict(launch.constexprs)
+        for name, arg in zip(names, launch.args):
+            if isinstance(arg, torch.Tensor):
+                tensors[name] = self.node_of[id(arg)]
+            else:
+                constants[name] = arg
+        written = [names[i] for i in launch.writes]
+        with self.fake_mode:
+            val = {n: torch.empty_strided(launch.args[i].shape, launch.args[i].stride(),
+                                          dtype=launch.args[i].dtype, device=launch.args[i].device)
+                   for n, i in zip(written, launch.writes)}
+        hop = self._call(
+            triton_kernel_wrapper_functional, (),
+            {"kernel_idx": kernel_side_table.add_kernel(_wrapped(fn, launch.num_warps, launch.num_stages)),
+             "constant_args_idx": kernel_side_table.add_constant_args(constants),
+             # Inductor's launchers take three grid dims
+             "grid": [(*launch.grid, *(1,) * (3 - len(launch.grid)))],
+             "tma_descriptor_metadata": {}, "kwargs": tensors,
+             "tensors_to_clone": written},
+            val)
+        for name, i in zip(written, launch.writes):
+            # later launches read what this one wrote
+            self.node_of[id(launch.args[i])] = self._call(operator.getitem, (hop, name), {}, val[name])
+
+
+def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
+                           devices: tuple[str, ...]) -> str | None:
+    """Replace one ``attnfuse::grouped_decode`` call; returns why not, or ``None``."""
+    from ..custom_ops.kernels.grouped_decode import plan_grouped_decode
+
+    a = _bind(node)
+    fakes = {k: _val(v) for k, v in a.items()}
+    tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
+    if any(t.device.type not in devices for t in tensors.values()):
+        return "not on CUDA"
+    if not all(_static(t) for t in tensors.values()):
+        return "symbolic shape or stride"
+    if any(fakes[k] is not None and fakes[k].stride(-1) != 1 for k in ("q", "k_cache", "v_cache")):
+        return "an input with a strided last dim (the op copies it)"
+    if not all(u.target is operator.getitem for u in node.users):
+        return "a result used other than by indexing"
+    scalars = ("scale", "softcap", "window", "v_head_dim")
+    if not all(isinstance(a[k], (int, float)) for k in scalars):
+        return "a symbolic scalar argument"
+    emit = _Emitter(graph, node, fake_mode)
+    for k, t in tensors.items():
+        emit.bind(t, a[k])
+    mask = fakes["mask"]
+    mask_is_bool = mask is not None and mask.dtype == torch.bool
+    if mask_is_bool:
+        mask = emit.view_dtype(mask, torch.uint8)
+    device = fakes["q"].device
+    v_head_dim = a["v_head_dim"] if fakes["v_cache"] is None else fakes["v_cache"].shape[-1]
+    out, lse, _, launches = plan_grouped_decode(
+        fakes["q"], fakes["k_cache"], fakes["v_cache"], block_table=fakes["block_table"],
+        seq_lens=fakes["seq_lens"], mask=mask, mask_is_bool=mask_is_bool, scale=float(a["scale"]),
+        softcap=float(a["softcap"]), window=int(a["window"]), k_scale=fakes["k_scale"],
+        v_scale=fakes["v_scale"], v_head_dim=v_head_dim,
+        empty=lambda shape, dtype: emit.empty(shape, dtype, device))
+    for launch in launches:
+        emit.launch(launch)
+    results = (emit.node_of[id(out)], emit.node_of[id(lse)])
+    for user in list(node.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+    return None
+
+
+def _inline_rope_write_kv(graph: fx.Graph, node: fx.Node, fake_mode: Any,
+                          devices: tuple[str, ...]) -> str | None:
+    """Replace one ``auto_functionalized(attnfuse::rope_write_kv)``: its results are
+    ``(q_out, k_out, new k_cache, new v_cache)``, here the launch's outputs."""
+    from ..custom_ops.rope_write_kv import plan_kernel
+
+    a = dict(node.kwargs)
+    fakes = {k: _val(v) for k, v in a.items()}
+    tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
+    if any(t.device.type not in devices for t in tensors.values()):
+        return "not on CUDA"
+    if not all(_static(t) for t in tensors.values()):
+        return "symbolic shape or stride"
+    if any(t.stride(-1) != 1 for k, t in tensors.items() if k not in ("positions", "cache_index")
+           and t.dim() > 0):
+        return "an input with a strided last dim (the op copies it)"
+    if not all(u.target is operator.getitem for u in node.users):
+        return "a result used other than by indexing"
+    if not isinstance(a["rotary_dim"], int):
+        return "a symbolic scalar argument"
+    emit = _Emitter(graph, node, fake_mode)
+    for k, t in tensors.items():
+        emit.bind(t, a[k])
+    device = fakes["q"].device
+    q_out, k_out, launch = plan_kernel(
+        fakes["q"], fakes["k"], fakes["v"], fakes["cos"], fakes["sin"], fakes["positions"],
+        fakes["k_cache"], fakes["v_cache"], fakes["cache_index"], a["cache_layout"],
+        a["rotary_dim"], a["style"], fakes["k_scale"], fakes["v_scale"], a["return_k"],
+        empty=lambda shape, dtype: emit.empty(shape, dtype, device))
+    if launch is not None:
+        emit.launch(launch)
+    if k_out is None:
+        k_out = emit.empty((0,), fakes["k"].dtype, device)
+    results = [emit.node_of[id(t)] for t in (q_out, k_out, fakes["k_cache"], fakes["v_cache"])]
+    for user in list(node.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+    return None
+
+
+def _inliner(node: fx.Node) -> Callable[..., str | None] | None:
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    from ..custom_ops import grouped_decode as _gd  # noqa: F401  (registers the ops)
+    from ..custom_ops import rope_write_kv as _rw  # noqa: F401
+
+    if node.op != "call_function":
+        return None
+    if node.target is torch.ops.attnfuse.grouped_decode.default:
+        return _inline_grouped_decode
+    if (node.target is auto_functionalized and node.args
+            and node.args[0] is torch.ops.attnfuse.rope_write_kv.default):
+        return _inline_rope_write_kv
+    return None
+
+
+def inline_kernels(graph: fx.Graph, *, devices: tuple[str, ...] = ("cuda",)) -> dict[str, int]:
+    """Inline every eligible op call of ``graph``; returns ``{"inlined": n, <reason>: n}``.
+
+    ``devices``: where calls are inlined. Inductor launches user kernels on CUDA only;
+    tests add ``"cpu"`` to run the inlined graph eagerly under Triton's interpreter.
+    """
+    from torch._guards import detect_fake_mode
+
+    calls = [(n, f) for n in graph.nodes if (f := _inliner(n)) is not None]
+    counts: dict[str, int] = {}
+    if not calls:
+        return counts
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    if fake_mode is None:
+        return {"no fake tensors on the graph": len(calls)}
+    for node, inline in calls:
+        why = inline(graph, node, fake_mode, devices)
+        key = "inlined" if why is None else why
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+

@@ -1,0 +1,153 @@
+"""``passes.inline_kernels``: op calls become the kernel launches they make.
+
+Graphs are traced on CPU with fake tensors, inlined with CPU allowed, then run eagerly:
+the ``triton_kernel_wrapper_functional`` nodes launch the kernels under Triton's
+interpreter, and results (caches included) must equal the op's plain-torch reference on
+fresh random data. Under Inductor the step inlines only CUDA calls; that path runs in
+``tests/test_launch_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import attnfuse
+from attnfuse.custom_ops import grouped_decode as gd
+from attnfuse.custom_ops import rope_write_kv as rwk
+from attnfuse.custom_ops._dispatch import kernel_on_cpu
+from attnfuse.passes.inline_kernels import inline_kernels
+
+from test_rope_kv_write_op import _case
+
+GD = torch.ops.attnfuse.grouped_decode.default
+RW = torch.ops.attnfuse.rope_write_kv.default
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _targets(gm: torch.fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _inline(fn, *args) -> torch.fx.GraphModule:
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    counts = inline_kernels(gm.graph, devices=("cuda", "cpu"))
+    assert counts == {"inlined": 1}, counts
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _decode_case(kind: str, g: torch.Generator):
+    b, hq, d = 2, 8, 32
+    if kind == "static_bool_mask":
+        hkv, s = 2, 300
+        q = torch.randn(b, hq, d, generator=g)
+        k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+        mask = torch.rand(b, s, generator=g) > 0.2
+        return (q, k, v, None, None, mask, 0.3, 0.0, -1, None, None, -1)
+    if kind == "paged_seq_lens":
+        hkv, page, blocks = 4, 16, 24
+        q = torch.randn(b, hq, d, generator=g)
+        k = torch.randn(blocks, page, hkv, d, generator=g)
+        v = torch.randn(blocks, page, hkv, 16, generator=g)
+        table = torch.randperm(blocks, generator=g)[:20].reshape(b, 10).int()
+        lens = torch.tensor([150, 1], dtype=torch.int32)
+        return (q, k, v, table, lens, None, 0.25, 0.0, -1, None, None, -1)
+    # MLA: one shared latent row per position, V its leading 24 features, one split
+    q = torch.randn(b, hq, 40, generator=g)
+    kv = torch.randn(b, 1, 48, 40, generator=g)
+    return (q, kv, None, None, None, None, 0.2, 0.0, -1, None, None, 24)
+
+
+@pytest.mark.parametrize("kind", ["static_bool_mask", "paged_seq_lens", "mla_shared_latent"])
+def test_inlined_grouped_decode_matches_reference(kind):
+    args = _decode_case(kind, torch.Generator().manual_seed(0))
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def fn(*ts):
+        full = list(args)
+        for i, t in zip(slots, ts):
+            full[i] = t
+        out, lse = GD(*full)
+        return out * 2, lse
+
+    gm = _inline(fn, *tensors)
+    targets = _targets(gm)
+    assert GD not in targets
+    assert targets.count(triton_kernel_wrapper_functional) in (1, 2)
+    with kernel_on_cpu():
+        out, lse = gm(*tensors)
+    want_out, want_lse = gd.reference(*args)
+    torch.testing.assert_close(out, 2 * want_out, **TOL)
+    torch.testing.assert_close(lse, want_lse, **TOL)
+
+
+def _functional_rope(args):
+    """``rope_write_kv`` as the rope_kv_write pass emits it: ``auto_functionalized``,
+    returning ``(q_out, k_out, new k_cache, new v_cache)``."""
+    tensor_slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    names = [a.name for a in RW._schema.arguments]
+
+    def fn(*ts):
+        full = list(args)
+        for i, t in zip(tensor_slots, ts):
+            full[i] = t
+        return tuple(auto_functionalized(RW, **dict(zip(names, full))))
+
+    return fn, [args[i] for i in tensor_slots]
+
+
+@pytest.mark.parametrize("layout", ["static", "paged_nhd"])
+@pytest.mark.parametrize("return_k", [True, False])
+def test_inlined_rope_write_kv_writes_caches_like_the_reference(layout, return_k):
+    args, _, _ = _case(layout, positions_table=layout == "paged_nhd")
+    args[-1] = return_k
+    fn, tensors = _functional_rope(args)
+    gm = _inline(fn, *tensors)
+    assert auto_functionalized not in _targets(gm)
+    assert triton_kernel_wrapper_functional in _targets(gm)
+    ours = [t.clone() for t in tensors]
+    with kernel_on_cpu():
+        q_out, k_out, k_cache, v_cache = gm(*ours)
+    want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    want_q, want_k = rwk.reference(*want)
+    torch.testing.assert_close(q_out, want_q, **TOL)
+    if return_k:
+        torch.testing.assert_close(k_out, want_k, **TOL)
+    torch.testing.assert_close(k_cache, want[6], **TOL)
+    torch.testing.assert_close(v_cache, want[7], **TOL)
+
+
+def test_symbolic_shapes_keep_the_op_call():
+    args = _decode_case("static_bool_mask", torch.Generator().manual_seed(1))
+    q, k, v, mask = args[0], args[1], args[2], args[5]
+    gm = make_fx(lambda q, k, v, m: GD(q, k, v, None, None, m, 0.3, 0.0, -1, None, None, -1)[0],
+                 tracing_mode="symbolic")(q, k, v, mask)
+    assert inline_kernels(gm.graph, devices=("cuda", "cpu")) == {"symbolic shape or stride": 1}
+    assert GD in _targets(gm)
+
+
+def test_inductor_on_cpu_reports_calls_it_kept():
+    """Inductor launches user kernels on CUDA only: CPU calls stay op calls, and say why."""
+    args = _decode_case("static_bool_mask", torch.Generator().manual_seed(2))
+
+    def fn(q, k, v, m):
+        return GD(q, k, v, None, None, m, 0.3, 0.0, -1, None, None, -1)[0] + 1
+
+    backend = attnfuse.AttnfuseBackend()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit runs no pass
+        out = torch.compile(fn, backend=backend)(args[0], args[1], args[2], args[5])
+    torch.testing.assert_close(out, gd.reference(*args)[0] + 1, **TOL)
+    inlined = [g.inlined for g in backend.report.graphs if not g.from_cache]
+    assert inlined and all(i == {"not on CUDA": 1} for i in inlined), inlined
+
+
+def test_inline_option_is_checked():
+    with pytest.raises(ValueError, match="inline_kernels"):
+        attnfuse.AttnfuseBackend({"inline_kernels": "yes"})
