@@ -26,7 +26,9 @@ are used other than by indexing. The report and the graph observers see the op c
 
 from __future__ import annotations
 
+import functools
 import operator
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -67,7 +69,56 @@ def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
     if key not in _WRAPPED:
         _WRAPPED[key] = triton.autotune(
             configs=[triton.Config({}, num_warps=num_warps, num_stages=num_stages)], key=[])(fn)
+        _OURS.add(id(_WRAPPED[key]))
+    _install_ttir_memo()
     return _WRAPPED[key]
+
+
+# ------------------------------------------------------------------ compile time
+# Inductor finds what a user kernel writes by generating its TTIR (Triton's front end)
+# once per launch node, e.g. 12 times for the 3 kernels of 4 identical layers; for the
+# decode kernels that is seconds of compile time (benchmarks/results/compile_time.md).
+# The TTIR depends only on the kernel and its arguments' dtypes, integer values and
+# constexprs, so for our kernels it is made once per such key and reused.
+_OURS: set[int] = set()
+_TTIR: dict[tuple, Any] = {}
+
+
+def _ttir_arg_key(v: Any) -> Any:
+    dtype = getattr(v, "dtype", None)
+    if dtype is None and hasattr(v, "get_dtype"):  # Inductor's TensorBox
+        dtype = v.get_dtype()
+    if dtype is not None:
+        return ("tensor", dtype)
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return (type(v), v)
+    raise TypeError  # symbolic or unknown: no memo
+
+
+def _install_ttir_memo() -> None:
+    try:
+        import torch._higher_order_ops.triton_kernel_wrap as tkw
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(tkw, "generate_ttir", None)
+    if original is None or getattr(original, "_attnfuse_memo", False):
+        return
+
+    @functools.wraps(original)
+    def generate_ttir(kernel, kwargs, tma_descriptor_metadata, *rest, **extra):
+        if (id(kernel) not in _OURS or tma_descriptor_metadata or rest or extra
+                or os.environ.get("ATTNFUSE_TTIR_MEMO", "1") == "0"):
+            return original(kernel, kwargs, tma_descriptor_metadata, *rest, **extra)
+        try:
+            key = (id(kernel), tuple(sorted((n, _ttir_arg_key(v)) for n, v in kwargs.items())))
+        except TypeError:
+            return original(kernel, kwargs, tma_descriptor_metadata)
+        if key not in _TTIR:
+            _TTIR[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        return _TTIR[key]
+
+    generate_ttir._attnfuse_memo = True
+    tkw.generate_ttir = generate_ttir
 
 
 class _Emitter:

@@ -151,3 +151,37 @@ def test_inductor_on_cpu_reports_calls_it_kept():
 def test_inline_option_is_checked():
     with pytest.raises(ValueError, match="inline_kernels"):
         attnfuse.AttnfuseBackend({"inline_kernels": "yes"})
+
+
+def test_ttir_memo_reuses_the_front_end_only_for_the_same_key(monkeypatch):
+    """Inductor's write analysis generates TTIR per launch node; ours is made once per
+    (kernel, dtypes, ints, constexprs) and other kernels are never touched."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
+
+    from attnfuse.passes import inline_kernels as ik
+
+    calls = []
+
+    def fake_generate_ttir(kernel, kwargs, tma):
+        calls.append(kernel)
+        return object(), list(kwargs)
+
+    monkeypatch.setattr(tkw, "generate_ttir", fake_generate_ttir)
+    monkeypatch.setattr(ik, "_TTIR", {})
+    ik._install_ttir_memo()
+    ours = ik._wrapped(gd_kernel_fn(), 4, 3)
+    other = object()
+    t16 = torch.empty(2, dtype=torch.float16)
+    first = tkw.generate_ttir(ours, {"Q": t16, "n": 8, "BLOCK": 16}, {})
+    assert tkw.generate_ttir(ours, {"Q": torch.empty(5, dtype=torch.float16), "n": 8, "BLOCK": 16}, {}) is first
+    assert tkw.generate_ttir(ours, {"Q": t16, "n": 9, "BLOCK": 16}, {}) is not first
+    assert tkw.generate_ttir(ours, {"Q": t16.float(), "n": 8, "BLOCK": 16}, {}) is not first
+    tkw.generate_ttir(other, {"Q": t16}, {})
+    tkw.generate_ttir(other, {"Q": t16}, {})
+    assert calls == [ours, ours, ours, other, other]
+
+
+def gd_kernel_fn():
+    from attnfuse.custom_ops.kernels.grouped_decode import _STAGE2
+
+    return _STAGE2.fn
