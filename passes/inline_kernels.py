@@ -187,6 +187,30 @@ class _Emitter:
             self.node_of[id(launch.args[i])] = self._call(operator.getitem, (hop, name), {}, val[name])
 
 
+def _refusal(node: fx.Node, fakes: dict[str, Any], devices: tuple[str, ...],
+             feature_inputs: tuple[str, ...]) -> str | None:
+    """Why a call cannot be inlined (``None``: it can). ``feature_inputs`` must have a
+    contiguous last dim, as the op would otherwise copy them first."""
+    tensors = [v for v in fakes.values() if isinstance(v, torch.Tensor)]
+    if any(t.device.type not in devices for t in tensors):
+        return "not on CUDA"
+    if not all(_static(t) for t in tensors):
+        return "symbolic shape or stride"
+    if any(isinstance(fakes.get(k), torch.Tensor) and fakes[k].stride(-1) != 1 for k in feature_inputs):
+        return "an input with a strided last dim (the op copies it)"
+    if not all(u.target is operator.getitem for u in node.users):
+        return "a result used other than by indexing"
+    return None
+
+
+def _replace_results(graph: fx.Graph, node: fx.Node, results: list[fx.Node]) -> None:
+    """Point each ``node[i]`` at ``results[i]`` and drop the call."""
+    for user in list(node.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
 def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
                            devices: tuple[str, ...]) -> str | None:
     """Replace one ``attnfuse::grouped_decode`` call; returns why not, or ``None``."""
@@ -195,14 +219,9 @@ def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
     a = _bind(node)
     fakes = {k: _val(v) for k, v in a.items()}
     tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
-    if any(t.device.type not in devices for t in tensors.values()):
-        return "not on CUDA"
-    if not all(_static(t) for t in tensors.values()):
-        return "symbolic shape or stride"
-    if any(fakes[k] is not None and fakes[k].stride(-1) != 1 for k in ("q", "k_cache", "v_cache")):
-        return "an input with a strided last dim (the op copies it)"
-    if not all(u.target is operator.getitem for u in node.users):
-        return "a result used other than by indexing"
+    why = _refusal(node, fakes, devices, ("q", "k_cache", "v_cache"))
+    if why is not None:
+        return why
     scalars = ("scale", "softcap", "window", "v_head_dim")
     if not all(isinstance(a[k], (int, float)) for k in scalars):
         return "a symbolic scalar argument"
@@ -223,11 +242,7 @@ def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
         empty=lambda shape, dtype: emit.empty(shape, dtype, device))
     for launch in launches:
         emit.launch(launch)
-    results = (emit.node_of[id(out)], emit.node_of[id(lse)])
-    for user in list(node.users):
-        user.replace_all_uses_with(results[user.args[1]])
-        graph.erase_node(user)
-    graph.erase_node(node)
+    _replace_results(graph, node, [emit.node_of[id(out)], emit.node_of[id(lse)]])
     return None
 
 
@@ -240,15 +255,9 @@ def _inline_rope_write_kv(graph: fx.Graph, node: fx.Node, fake_mode: Any,
     a = dict(node.kwargs)
     fakes = {k: _val(v) for k, v in a.items()}
     tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
-    if any(t.device.type not in devices for t in tensors.values()):
-        return "not on CUDA"
-    if not all(_static(t) for t in tensors.values()):
-        return "symbolic shape or stride"
-    if any(t.stride(-1) != 1 for k, t in tensors.items() if k not in ("positions", "cache_index")
-           and t.dim() > 0):
-        return "an input with a strided last dim (the op copies it)"
-    if not all(u.target is operator.getitem for u in node.users):
-        return "a result used other than by indexing"
+    why = _refusal(node, fakes, devices, ("q", "k", "v", "cos", "sin", "k_cache", "v_cache"))
+    if why is not None:
+        return why
     if not isinstance(a["rotary_dim"], int):
         return "a symbolic scalar argument"
     emit = _Emitter(graph, node, fake_mode)
@@ -264,11 +273,7 @@ def _inline_rope_write_kv(graph: fx.Graph, node: fx.Node, fake_mode: Any,
         emit.launch(launch)
     if k_out is None:
         k_out = emit.empty((0,), fakes["k"].dtype, device)
-    results = [emit.node_of[id(t)] for t in (q_out, k_out, fakes["k_cache"], fakes["v_cache"])]
-    for user in list(node.users):
-        user.replace_all_uses_with(results[user.args[1]])
-        graph.erase_node(user)
-    graph.erase_node(node)
+    _replace_results(graph, node, [emit.node_of[id(t)] for t in (q_out, k_out, fakes["k_cache"], fakes["v_cache"])])
     return None
 
 
