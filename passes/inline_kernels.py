@@ -35,12 +35,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..fusions.base import fake_value
+
 #: (kernel, num_warps, num_stages) -> the single-config autotuner Inductor gets
 _WRAPPED: dict[tuple[Any, int, int], Any] = {}
-
-
-def _val(x: Any) -> Any:
-    return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
 def _static(t: torch.Tensor) -> bool:
@@ -217,7 +215,7 @@ def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
     from ..custom_ops.kernels.grouped_decode import plan_grouped_decode
 
     a = _bind(node)
-    fakes = {k: _val(v) for k, v in a.items()}
+    fakes = {k: fake_value(v) for k, v in a.items()}
     tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
     why = _refusal(node, fakes, devices, ("q", "k_cache", "v_cache"))
     if why is not None:
@@ -253,7 +251,7 @@ def _inline_rope_write_kv(graph: fx.Graph, node: fx.Node, fake_mode: Any,
     from ..custom_ops.rope_write_kv import plan_kernel
 
     a = dict(node.kwargs)
-    fakes = {k: _val(v) for k, v in a.items()}
+    fakes = {k: fake_value(v) for k, v in a.items()}
     tensors = {k: v for k, v in fakes.items() if isinstance(v, torch.Tensor)}
     why = _refusal(node, fakes, devices, ("q", "k", "v", "cos", "sin", "k_cache", "v_cache"))
     if why is not None:

@@ -132,6 +132,32 @@ def test_symbolic_shapes_keep_the_op_call():
     assert GD in _targets(gm)
 
 
+def test_strided_feature_dim_keeps_the_op_call():
+    """The op would copy a q whose last dim is strided first: not the same launch."""
+    args = _decode_case("static_bool_mask", torch.Generator().manual_seed(3))
+    q_wide = torch.randn(2, 8, 64)
+    gm = make_fx(lambda q, k, v, m: GD(q[..., ::2], k, v, None, None, m, 0.3, 0.0, -1, None, None, -1)[0],
+                 tracing_mode="fake")(q_wide, args[1], args[2], args[5])
+    counts = inline_kernels(gm.graph, devices=("cuda", "cpu"))
+    assert counts == {"an input with a strided last dim (the op copies it)": 1}, counts
+    assert GD in _targets(gm)
+
+
+def test_result_used_whole_keeps_the_op_call():
+    """A user that takes the (out, lse) tuple itself has nothing to be pointed at."""
+    args = _decode_case("static_bool_mask", torch.Generator().manual_seed(4))
+    gm = make_fx(lambda q, k, v, m: GD(q, k, v, None, None, m, 0.3, 0.0, -1, None, None, -1)[0],
+                 tracing_mode="fake")(args[0], args[1], args[2], args[5])
+    call = next(n for n in gm.graph.nodes if n.target is GD)
+    with gm.graph.inserting_after(call):
+        whole = gm.graph.call_function(tuple, (call,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((*out.args[0], whole) if isinstance(out.args[0], tuple) else (out.args[0], whole),)
+    counts = inline_kernels(gm.graph, devices=("cuda", "cpu"))
+    assert counts == {"a result used other than by indexing": 1}, counts
+    assert GD in _targets(gm)
+
+
 def test_inductor_on_cpu_reports_calls_it_kept():
     """Inductor launches user kernels on CUDA only: CPU calls stay op calls, and say why."""
     args = _decode_case("static_bool_mask", torch.Generator().manual_seed(2))

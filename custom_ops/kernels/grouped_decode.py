@@ -504,6 +504,7 @@ def plan_grouped_decode(
              HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
              HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None),
         num_warps=config.num_warps, num_stages=config.num_stages,
+        # (partial_out, partial_lse) with splits to merge, else (out, lse)
         writes=(8, 9) if splits > 1 else (10, 11),
     )
     if splits == 1:
@@ -521,6 +522,6 @@ def plan_grouped_decode(
              BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
              SPLIT_ALIGN=config.block_n,
              HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
-        num_warps=4, num_stages=3, writes=(3, 4),
+        num_warps=4, num_stages=3, writes=(3, 4),  # out, lse
     )
     return out, lse, config, [stage1, stage2]
