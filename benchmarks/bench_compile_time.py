@@ -1,17 +1,29 @@
 """Compile time with and without attnfuse's passes: HF Llama-3-8B architecture, one decode graph.
 
 Each sample is the wall time of the first decode call of a fresh ``torch.compile`` (Dynamo,
-AOTAutograd, Inductor, Triton compilation of every kernel, the first run), with empty
-Inductor and Triton caches (new directories per sample) after ``torch._dynamo.reset()``.
+AOTAutograd, Inductor, Triton compilation of every kernel, the first run) after
+``torch._dynamo.reset()``, in three cache states:
+
+``cold``         empty Inductor and Triton caches (new directories), and the in-memory
+                 caches of attnfuse's kernels cleared (compiled kernels of op calls, the
+                 TTIR memo), so every kernel of every variant is compiled anew;
+``warm triton``  the Triton cache the cold sample filled, a new Inductor cache, and the
+                 in-memory caches cleared again: what a new model or shape costs in a new
+                 process on a machine that has compiled these kernels before (Inductor's
+                 FX graph cache misses, Triton's kernel cache hits);
+``warm``         both caches the cold sample filled (Inductor's FX graph cache hits).
+
 Variants alternate within each round so that drift of the machine hits all of them; an
 untimed compile first takes the process's one-time costs (imports, CUDA context). The
-pass manager's own time per graph (``attnfuse`` debug log) is reported too.
+pass manager's own time per graph (``attnfuse`` debug log) is reported too, and the time
+Inductor spends finding what each user kernel reads and writes (its TTIR analysis of
+every ``triton_kernel_wrapper`` node, ``analysis_s``).
 ``attnfuse[op calls]`` keeps op calls (``inline_kernels`` off); ``attnfuse[no TTIR
 memo]`` inlines but lets Inductor generate each launch node's TTIR anew
 (``ATTNFUSE_TTIR_MEMO=0``).
 
 Run: ``python benchmarks/bench_compile_time.py`` (GPU). Environment: ``CT_ROUNDS``,
-``CT_LAYERS``, ``CT_CTX``.
+``CT_LAYERS``, ``CT_CTX``, ``CT_VARIANTS`` (comma-separated names).
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from common import write_results  # noqa: E402
 ROUNDS = int(os.environ.get("CT_ROUNDS", "3"))
 LAYERS = int(os.environ.get("CT_LAYERS", "4"))
 CTX = int(os.environ.get("CT_CTX", "4096"))
+#: comma-separated subset of VARIANTS (default: all)
+SELECTED = [v for v in os.environ.get("CT_VARIANTS", "").split(",") if v]
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
 VARIANTS = {
@@ -59,8 +73,55 @@ class _PassTimes(logging.Handler):
             self.ms.append(float(m.group(1)))
 
 
-def first_call_s(model, cache, kwargs: dict) -> float:
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+STATES = ("cold", "warm triton", "warm")
+_ANALYSIS_S: list[float] = []
+
+
+def _time_kernel_analysis() -> None:
+    """Accumulate the time of Inductor's user-kernel access analysis into ``_ANALYSIS_S``."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
+
+    for name in ("identify_accessed_tensors", "identify_mutated_tensors"):
+        fn = getattr(tkw, name, None)
+        if fn is None or getattr(fn, "_ct_timed", False):
+            continue
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _ANALYSIS_S.append(time.perf_counter() - t0)
+
+        timed._ct_timed = True
+        setattr(tkw, name, timed)
+
+
+def _forget_compiled_kernels() -> None:
+    """Drop what this process remembers of attnfuse's compiled kernels (a cold start)."""
+    import importlib
+    import pkgutil
+
+    from attnfuse.custom_ops import kernels
+    from attnfuse.custom_ops.kernels._launch import Launcher
+    from attnfuse.passes import inline_kernels
+
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, Launcher):
+                obj._cache.clear()
+                caches = getattr(obj.fn, "device_caches", None)
+                if caches is not None:
+                    caches.clear()
+    inline_kernels.forget_compiled_analyses()
+
+
+def first_call_s(model, cache, kwargs: dict, state: str = "cold") -> float:
+    if state != "warm":  # as in a new process: nothing of attnfuse's kernels in memory
+        _forget_compiled_kernels()
+    for var in {"cold": ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"),
+                "warm triton": ("TORCHINDUCTOR_CACHE_DIR",), "warm": ()}[state]:
         os.environ[var] = tempfile.mkdtemp(prefix="attnfuse_ct_")
     kwargs = dict(kwargs)
     for var in ("ATTNFUSE_TTIR_MEMO",):
@@ -83,6 +144,7 @@ def main() -> None:
 
     import attnfuse  # noqa: F401  (registers the backends)
 
+    _time_kernel_analysis()
     handler = _PassTimes()
     log = logging.getLogger("attnfuse")
     log.addHandler(handler)
@@ -91,27 +153,41 @@ def main() -> None:
     model = build_from_config(cfg, dtype=torch.bfloat16, device="cuda")
     cache = make_static_cache(model, batch_size=1, max_cache_len=CTX)
     first_call_s(model, cache, {})  # one-time process costs
-    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    variants = {n: VARIANTS[n] for n in SELECTED} if SELECTED else VARIANTS
+    samples: dict[tuple[str, str], list[float]] = {}
+    analysis: dict[tuple[str, str], list[float]] = {}
     for r in range(ROUNDS):
-        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
-            s = first_call_s(model, cache, VARIANTS[name])
-            samples[name].append(s)
-            print(f"round {r} {name:12s} {s:6.2f} s", flush=True)
+            for state in STATES:
+                _ANALYSIS_S.clear()
+                s = first_call_s(model, cache, variants[name], state)
+                samples.setdefault((name, state), []).append(s)
+                analysis.setdefault((name, state), []).append(sum(_ANALYSIS_S))
+                print(f"round {r} {name:22s} {state:11s} {s:6.2f} s  analysis {sum(_ANALYSIS_S):.2f} s",
+                      flush=True)
     rows = []
-    for name, xs in samples.items():
-        base = statistics.median(samples["inductor+cg" if name.endswith("+cg") else "inductor"])
-        rows.append(dict(variant=name, median_s=statistics.median(xs), min_s=min(xs), max_s=max(xs),
-                         vs_inductor=statistics.median(xs) / base, rounds=ROUNDS, layers=LAYERS, ctx=CTX))
+    for (name, state), xs in samples.items():
+        base = statistics.median(samples["inductor+cg" if name.endswith("+cg") else "inductor", state])
+        rows.append(dict(variant=name, caches=state, median_s=statistics.median(xs), min_s=min(xs),
+                         max_s=max(xs), vs_inductor=statistics.median(xs) / base,
+                         analysis_s=statistics.median(analysis[name, state]), rounds=ROUNDS,
+                         layers=LAYERS, ctx=CTX))
     pass_ms = statistics.median(handler.ms) if handler.ms else float("nan")
     for r in rows:
         r["pass_manager_ms_median"] = pass_ms
         print(r, flush=True)
     write_results("compile_time", rows,
-                  ["variant", "median_s", "min_s", "max_s", "vs_inductor", "pass_manager_ms_median"],
+                  ["variant", "caches", "median_s", "min_s", "max_s", "vs_inductor", "analysis_s",
+                   "pass_manager_ms_median"],
                   title=f"Compile time: first decode call of a fresh compile ({LAYERS} Llama-3-8B layers, B=1)",
-                  notes=(f"{ROUNDS} rounds, variants alternating, cold Inductor and Triton caches per sample; "
-                         "`vs_inductor` against Inductor in the same mode; `pass_manager_ms_median`: "
+                  notes=(f"{ROUNDS} rounds, variants alternating; caches: `cold` (new Inductor and "
+                         "Triton caches, attnfuse's in-memory kernel caches cleared), `warm triton` "
+                         "(the Triton cache of the cold sample kept, in-memory caches cleared), "
+                         "`warm` (both kept: FX graph "
+                         "cache hit); `vs_inductor` against Inductor in the same mode and cache state; "
+                         "`analysis_s`: Inductor's TTIR access analysis of user kernels; "
+                         "`pass_manager_ms_median`: "
                          "the attnfuse pass manager's own time per compiled graph (fusions and kernel "
                          "inlining), median over all attnfuse compiles."))
 

@@ -152,8 +152,10 @@ def main() -> None:
             torch._dynamo.reset()
             cold = (batch, ctx) == POINTS[0]
             if cold:  # compile-time point: nothing cached from any earlier compile
+                # no space in the path: Inductor's C++ build shlex-splits an unquoted command line
+                tag = "".join(c if c.isalnum() else "_" for c in name)
                 for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-                    os.environ[var] = tempfile.mkdtemp(prefix=f"attnfuse_e2e_{name}_")
+                    os.environ[var] = tempfile.mkdtemp(prefix=f"attnfuse_e2e_{tag}_")
             with torch.no_grad(), attnfuse.collect_reports() as report:
                 try:
                     times, logits, first_s = decode_times(make(), cache, batch, ctx, cfg.vocab_size)

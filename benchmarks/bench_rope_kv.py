@@ -8,7 +8,8 @@ of 1024 tokens from 1024 on). Variants, each timed in the same run on the same d
 ``attnfuse_pass``   torch.compile of the unfused code with the ``rope_kv_write`` pass
 ``flashinfer+ip``   FlashInfer ``apply_rope_with_cos_sin_cache_inplace`` + two ``index_put_``
 ``inductor``        torch.compile (Inductor) of the unfused torch code
-``attnfuse_fp8``    the op writing fp8 e4m3 caches (scale 1/k_scale convention: x / scale)
+``attnfuse_fp8``    the op writing fp8 e4m3 caches (scale 1/k_scale convention: x / scale);
+                    ``attnfuse_fp8_wN``: its kernel launched directly with num_warps=N
 ``flashinfer_fp8``  FlashInfer ``rope_quantize_fp8_append_paged_kv_cache`` (also writes q in fp8)
 
 CUDA graphs for T <= 1024 (launch-bound sizes). Effective bandwidth counts every byte
@@ -45,7 +46,7 @@ FP8_SCALE = 0.5  # cache = x / scale
 #: num_warps values tried for the kernel sweep
 SWEEP_WARPS = (1, 2, 4, 8)
 #: stop starting new compiled variants once the run has taken this long (device budget)
-COMPILE_DEADLINE_S = 250
+COMPILE_DEADLINE_S = 400
 
 
 def make_batch(T: int, device: str = "cuda", seed: int = 0):
@@ -170,9 +171,54 @@ def check(b) -> dict[str, float]:
     return err
 
 
-def main() -> None:
+def time_variants(b, T: int, graph: bool, start: float, check_row: dict) -> dict[str, float]:
+    """Median µs of every variant at one size, with or without CUDA graphs."""
     from attnfuse.passes.backend import AttnfuseBackend
 
+    timings: dict[str, float] = {}
+    timings["attnfuse"] = bench_us(lambda: ours(b), cuda_graph=graph)
+    for w in SWEEP_WARPS:
+        timings[f"attnfuse_w{w}"] = bench_us(lambda: ours(b, num_warps=w), cuda_graph=graph)
+    try:
+        bi = dict(b, q=b["q"].clone(), k=b["k"].clone())
+        timings["flashinfer+ip"] = bench_us(lambda: flashinfer_index_put(bi), cuda_graph=graph)
+    except Exception as exc:
+        print("flashinfer+ip failed:", type(exc).__name__, exc, flush=True)
+    args = (b["q"], b["k"], b["v"], b["positions"], b["slots"], b["cos_sin"], b["k_cache"],
+            b["v_cache"])
+    if time.time() - start < COMPILE_DEADLINE_S:
+        torch._dynamo.reset()
+        ind = torch.compile(unfused, dynamic=False)
+        timings["inductor"] = bench_us(lambda: ind(*args), cuda_graph=graph)
+        torch._dynamo.reset()
+        be = AttnfuseBackend({"fusions": ["rope_kv_write"]})
+        fused = torch.compile(unfused, backend=be, dynamic=False)
+        out = fused(*args)
+        fired = be.report.counts.get("rope_kv_write", 0)
+        ref = unfused(*[a.clone() for a in args])
+        print(f"pass fired {fired}x, max |q - unfused| {(out.float() - ref.float()).abs().max().item():.3g}",
+              flush=True)
+        check_row["pass_fired"] = fired
+        timings["attnfuse_pass"] = bench_us(lambda: fused(*args), cuda_graph=graph)
+    scale = torch.tensor(FP8_SCALE, device="cuda")
+    fk = torch.empty_like(b["k_cache"], dtype=FP8)
+    fv = torch.empty_like(b["v_cache"], dtype=FP8)
+    timings["attnfuse_fp8"] = bench_us(lambda: ours(b, fk, fv, scale), cuda_graph=graph)
+    for w in SWEEP_WARPS:
+        timings[f"attnfuse_fp8_w{w}"] = bench_us(lambda: ours(b, fk, fv, scale, num_warps=w),
+                                                 cuda_graph=graph)
+    try:
+        bf = dict(b, q=b["q"].clone(), k=b["k"].clone())
+        timings["flashinfer_fp8"] = bench_us(lambda: flashinfer_fp8(bf, fk, fv), cuda_graph=graph)
+    except Exception as exc:
+        print("flashinfer_fp8 failed:", type(exc).__name__, exc, flush=True)
+    return timings
+
+
+def main() -> None:
+    # each size compiles the same code again: without the FX graph cache every compile
+    # runs the passes, so the report counts what fired (a cache hit reports nothing)
+    torch._inductor.config.fx_graph_cache = False
     start = time.time()
     env = env_info()
     print("env", env, flush=True)
@@ -186,50 +232,18 @@ def main() -> None:
         checks.append({"T": T, **err})
         print("check", T, err, flush=True)
         nbytes = bytes_moved(T)
-        timings: dict[str, float] = {}
-        timings["attnfuse"] = bench_us(lambda: ours(b), cuda_graph=graph)
-        for w in SWEEP_WARPS:
-            timings[f"attnfuse_w{w}"] = bench_us(lambda: ours(b, num_warps=w), cuda_graph=graph)
-        try:
-            bi = dict(b, q=b["q"].clone(), k=b["k"].clone())
-            timings["flashinfer+ip"] = bench_us(lambda: flashinfer_index_put(bi), cuda_graph=graph)
-        except Exception as exc:
-            print("flashinfer+ip failed:", type(exc).__name__, exc, flush=True)
-        args = (b["q"], b["k"], b["v"], b["positions"], b["slots"], b["cos_sin"], b["k_cache"],
-                b["v_cache"])
-        if time.time() - start < COMPILE_DEADLINE_S:
-            torch._dynamo.reset()
-            ind = torch.compile(unfused, dynamic=False)
-            timings["inductor"] = bench_us(lambda: ind(*args), cuda_graph=graph)
-            torch._dynamo.reset()
-            be = AttnfuseBackend({"fusions": ["rope_kv_write"]})
-            fused = torch.compile(unfused, backend=be, dynamic=False)
-            out = fused(*args)
-            fired = be.report.counts.get("rope_kv_write", 0)
-            ref = unfused(*[a.clone() for a in args])
-            print(f"pass fired {fired}x, max |q - unfused| {(out.float() - ref.float()).abs().max().item():.3g}",
-                  flush=True)
-            checks[-1]["pass_fired"] = fired
-            timings["attnfuse_pass"] = bench_us(lambda: fused(*args), cuda_graph=graph)
-        scale = torch.tensor(FP8_SCALE, device="cuda")
-        fk = torch.empty_like(b["k_cache"], dtype=FP8)
-        fv = torch.empty_like(b["v_cache"], dtype=FP8)
-        timings["attnfuse_fp8"] = bench_us(lambda: ours(b, fk, fv, scale), cuda_graph=graph)
-        try:
-            bf = dict(b, q=b["q"].clone(), k=b["k"].clone())
-            timings["flashinfer_fp8"] = bench_us(lambda: flashinfer_fp8(bf, fk, fv), cuda_graph=graph)
-        except Exception as exc:
-            print("flashinfer_fp8 failed:", type(exc).__name__, exc, flush=True)
-        fp8_bytes = {"attnfuse_fp8": bytes_moved(T, cache_bytes=1),
-                     "flashinfer_fp8": bytes_moved(T, cache_bytes=1, q_out_bytes=1)}
-        for name, us in timings.items():
-            nb = fp8_bytes.get(name, nbytes)
-            rows.append({"T": T, "variant": name, "cuda_graph": graph, "us": us,
-                         "GB/s": nb / (us * 1e-6) / 1e9, "bytes": nb,
-                         "pct_copy_bw": 100 * nb / (us * 1e-6) / 1e9 / copy_gbps,
-                         "floor_us": nb / (copy_gbps * 1e9) * 1e6})
-        line = "  ".join(f"{n}={us:.1f}" for n, us in timings.items())
-        print(f"T={T}: {line}", flush=True)
+        modes = (True,) if graph else (False, True)
+        for mode in modes:
+            timings = time_variants(b, T, mode, start, checks[-1])
+            for name, us in timings.items():
+                nb = bytes_moved(T, cache_bytes=1) if name.startswith("attnfuse_fp8") else (
+                    bytes_moved(T, cache_bytes=1, q_out_bytes=1) if name == "flashinfer_fp8" else nbytes)
+                rows.append({"T": T, "variant": name, "cuda_graph": mode, "us": us,
+                             "GB/s": nb / (us * 1e-6) / 1e9, "bytes": nb,
+                             "pct_copy_bw": 100 * nb / (us * 1e-6) / 1e9 / copy_gbps,
+                             "floor_us": nb / (copy_gbps * 1e9) * 1e6})
+            line = "  ".join(f"{n}={us:.1f}" for n, us in timings.items())
+            print(f"T={T} graph={mode}: {line}", flush=True)
     notes = (f"Llama-3-8B: {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads, head_dim {HEAD_DIM}, bf16, "
              f"paged NHD page {PAGE}. Measured copy bandwidth {copy_gbps:.0f} GB/s; floor_us = "
              f"bytes / copy bandwidth. CUDA graphs for T <= {GRAPH_MAX_TOKENS}. attnfuse_wN: the "

@@ -93,6 +93,8 @@ Origin: SGLang PR 9014 (fused ``set_kv_buffer`` into the RoPE kernel).
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import operator
 from collections.abc import Iterable
@@ -1425,10 +1427,15 @@ class RopeKVWriteFusion(Fusion):
         # all sites are planned
         self._order = {n: i for i, n in enumerate(graph.nodes)}
         self._ropes: dict[fx.Node, RopeMatch | str] = {}
+        #: match_rope of each node the q search tried: every k's search walks the cos/sin
+        #: users of all layers (HF shares them), so without it the pass is quadratic in
+        #: the layer count
+        self._matches: dict[fx.Node, RopeMatch | str] = {}
+        self._angle_starts: dict[fx.Node, list[fx.Node]] = {}
         try:
             self._apply(graph, sites)
         finally:
-            self._order, self._ropes = {}, {}
+            self._order, self._ropes, self._matches, self._angle_starts = {}, {}, {}, {}
 
     def _apply(self, graph: fx.Graph, sites: SiteRecorder) -> None:
         register_known_rope_ops()
@@ -1545,19 +1552,30 @@ class RopeKVWriteFusion(Fusion):
             plan.shared_buffer, plan.shared_final = shared
         return plan
 
+    def _match_once(self, y: fx.Node) -> RopeMatch | str:
+        """``match_rope(y)``, computed once per apply (shared: copy before changing it)."""
+        if y not in self._matches:
+            self._matches[y] = match_rope(y, self._order)
+        return self._matches[y]
+
+    def _angle_users(self, leaf: fx.Node) -> list[fx.Node]:
+        """Users of ``leaf``, of its views and of structurally equal copies (once per apply)."""
+        if leaf not in self._angle_starts:
+            root, views, _ = _angle_root(leaf)
+            self._angle_starts[leaf] = [
+                u for n in dict.fromkeys([*views, *_siblings(leaf), *_siblings(root)])
+                for u in n.users]
+        return self._angle_starts[leaf]
+
     def _q_candidates(self, k: RopeMatch, claimed: set[fx.Node]) -> list[RopeMatch] | str:
         """Rotations with the same cos/sin as ``k`` (not ``k`` itself)."""
         if k.opaque is not None:  # q comes out of the same op call
             if k.partner is None or k.partner.y in claimed:
                 return f"the q rotation of {k.opaque.target} is not available"
             return [k.partner]
-        starts: list[fx.Node] = []
-        for leaf in (k.cos, k.sin):
-            root, views, _ = _angle_root(leaf)
-            for n in dict.fromkeys([*views, *_siblings(leaf), *_siblings(root)]):
-                # q may read the same cos/sin node, a view of it with its own head axis,
-                # or a structurally equal copy of it (no CSE across them)
-                starts += list(n.users)
+        # q may read the same cos/sin node, a view of it with its own head axis, or a
+        # structurally equal copy of it (no CSE across them)
+        starts = [*self._angle_users(k.cos), *self._angle_users(k.sin)]
         ends: dict[fx.Node, RopeMatch] = {}
         seen: set[fx.Node] = set()
         frontier = [s for s in starts if s not in k.chain and s is not k.y]
@@ -1570,11 +1588,12 @@ class RopeKVWriteFusion(Fusion):
                 if _shape(n) is not None and n.target in (aten.add.Tensor, aten.sub.Tensor,
                                                           aten.cat.default, aten.reshape.default,
                                                           prims.convert_element_type.default):
-                    m = match_rope(n, self._order)
+                    m = self._match_once(n)
                     if isinstance(m, RopeMatch) and _same_angles(m.cos, k.cos) and _same_angles(m.sin, k.sin) \
                             and m.style == k.style and m.rotary_dim == k.rotary_dim \
                             and m.half_width == k.half_width and m.x_perm == k.x_perm:
-                        ends[n] = m
+                        ends[n] = dataclasses.replace(m, chain=set(m.chain),
+                                                      leaf_feat_dims=dict(m.leaf_feat_dims))
                 nxt += list(n.users)
             frontier = nxt
         # keep the outermost rotations (not inside another one's chain)
@@ -2046,8 +2065,10 @@ class _Emitter:
         self.graph = graph
         self.anchor = anchor
         self.meta_from = meta_from
-        vals = [fake_value(n) for n in graph.nodes if isinstance(fake_value(n), torch.Tensor)]
-        self.fake_mode = detect_fake_mode(vals)
+        # the first fake tensor names the mode (all of a graph's share it); scanning
+        # every node at each rewrite made the pass quadratic in the layer count
+        first = next((v for v in map(fake_value, graph.nodes) if isinstance(v, torch.Tensor)), None)
+        self.fake_mode = detect_fake_mode([first] if first is not None else [])
 
     def __call__(self, target: Any, *args: Any, kwargs: dict[str, Any] | None = None) -> fx.Node:
         kwargs = kwargs or {}

@@ -26,6 +26,7 @@ are used other than by indexing. The report and the graph observers see the op c
 
 from __future__ import annotations
 
+import copy as copy_module
 import functools
 import operator
 import os
@@ -73,13 +74,19 @@ def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
 
 
 # ------------------------------------------------------------------ compile time
-# Inductor finds what a user kernel writes by generating its TTIR (Triton's front end)
-# once per launch node, e.g. 12 times for the 3 kernels of 4 identical layers; for the
-# decode kernels that is seconds of compile time (benchmarks/results/compile_time.md).
-# The TTIR depends only on the kernel and its arguments' dtypes, integer values and
-# constexprs, so for our kernels it is made once per such key and reused.
+# Inductor finds what a user kernel reads and writes by generating its TTIR (Triton's
+# front end) and walking it, once per launch node: 12 times for the 3 kernels of 4
+# identical layers, about 1 s of a cold compile on an H100 host
+# (benchmarks/results/compile_time.md, ``analysis_s``). Both depend only on the kernel and
+# its arguments' dtypes, integer values and constexprs, and the analysis names formal
+# arguments, not graph buffers. So for our kernels each is made once per such key and
+# reused: the TTIR (``generate_ttir``) and the analysis result (``identify_accessed_tensors``,
+# ``identify_mutated_tensors`` in older torch), the latter copied for each caller.
+# ``ATTNFUSE_TTIR_MEMO=0`` turns both memos off.
 _OURS: set[int] = set()
 _TTIR: dict[tuple, Any] = {}
+_ACCESSES: dict[tuple, Any] = {}
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
 
 def _ttir_arg_key(v: Any) -> Any:
@@ -93,30 +100,49 @@ def _ttir_arg_key(v: Any) -> Any:
     raise TypeError  # symbolic or unknown: no memo
 
 
+def _memo_key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any, rest: tuple,
+              extra: dict) -> tuple | None:
+    """The key our kernel's TTIR and analysis depend on; ``None``: do not memoize."""
+    if (id(kernel) not in _OURS or tma_descriptor_metadata or rest or extra
+            or os.environ.get("ATTNFUSE_TTIR_MEMO", "1") == "0"):
+        return None
+    try:
+        return (id(kernel), tuple(sorted((n, _ttir_arg_key(v)) for n, v in kwargs.items())))
+    except TypeError:
+        return None
+
+
+def _memoized(original: Callable, table_name: str, copy: bool) -> Callable:
+    @functools.wraps(original)
+    def wrapper(kernel, kwargs, tma_descriptor_metadata, *rest, **extra):
+        key = _memo_key(kernel, kwargs, tma_descriptor_metadata, rest, extra)
+        if key is None:
+            return original(kernel, kwargs, tma_descriptor_metadata, *rest, **extra)
+        table = globals()[table_name]
+        if key not in table:
+            table[key] = original(kernel, kwargs, tma_descriptor_metadata)
+        return copy_module.deepcopy(table[key]) if copy else table[key]
+
+    wrapper._attnfuse_memo = True
+    return wrapper
+
+
 def _install_ttir_memo() -> None:
     try:
         import torch._higher_order_ops.triton_kernel_wrap as tkw
     except ImportError:  # pragma: no cover
         return
-    original = getattr(tkw, "generate_ttir", None)
-    if original is None or getattr(original, "_attnfuse_memo", False):
-        return
+    for name, table_name, copy in (("generate_ttir", "_TTIR", False),
+                                   *((n, "_ACCESSES", True) for n in _ANALYSES)):
+        original = getattr(tkw, name, None)
+        if original is not None and not getattr(original, "_attnfuse_memo", False):
+            setattr(tkw, name, _memoized(original, table_name, copy))
 
-    @functools.wraps(original)
-    def generate_ttir(kernel, kwargs, tma_descriptor_metadata, *rest, **extra):
-        if (id(kernel) not in _OURS or tma_descriptor_metadata or rest or extra
-                or os.environ.get("ATTNFUSE_TTIR_MEMO", "1") == "0"):
-            return original(kernel, kwargs, tma_descriptor_metadata, *rest, **extra)
-        try:
-            key = (id(kernel), tuple(sorted((n, _ttir_arg_key(v)) for n, v in kwargs.items())))
-        except TypeError:
-            return original(kernel, kwargs, tma_descriptor_metadata)
-        if key not in _TTIR:
-            _TTIR[key] = original(kernel, kwargs, tma_descriptor_metadata)
-        return _TTIR[key]
 
-    generate_ttir._attnfuse_memo = True
-    tkw.generate_ttir = generate_ttir
+def forget_compiled_analyses() -> None:
+    """Empty both memos (benchmarks: a cold start)."""
+    _TTIR.clear()
+    _ACCESSES.clear()
 
 
 class _Emitter:

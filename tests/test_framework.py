@@ -124,6 +124,38 @@ def test_fusion_that_raises_leaves_graph_as_it_was():
                    options={"strict": True})
 
 
+class _RaisingSilu(SiluFusion):
+    name = "silu_raise"
+
+    def __init__(self) -> None:
+        super().__init__({"raise_inside": True})
+
+
+class _Idle(SiluFusion):
+    name = "idle"
+
+    def apply(self, graph, sites) -> None:
+        pass
+
+
+@pytest.mark.parametrize("first", ["rewrites", "idle"])
+def test_failure_restores_the_graph_as_the_previous_fusion_left_it(first):
+    """A raising fusion undoes only itself: an earlier fusion's rewrites stay (its copy is
+    taken after them), and after one that changed nothing the copy from before it serves."""
+    model, x = _inputs()
+    earlier = SiluFusion({}) if first == "rewrites" else _Idle({})
+    d = graph_diff(model, x, fusions=[earlier, _RaisingSilu()], backend="eager")
+    assert "planted failure" in d.report.graphs[0].errors[0]
+    assert "tanh" not in d.after
+    if first == "rewrites":
+        assert d.counts == {"silu_test": 2, "silu_raise": 0}
+        assert d.after.count("attnfuse_testing.silu") == 2
+    else:
+        assert d.before == d.after
+    with torch.no_grad():
+        torch.testing.assert_close(d.outputs, model(x), atol=F32_TOL, rtol=F32_TOL)
+
+
 def test_composes_with_a_pass_already_installed():
     seen = []
 

@@ -207,6 +207,38 @@ def test_ttir_memo_reuses_the_front_end_only_for_the_same_key(monkeypatch):
     assert calls == [ours, ours, ours, other, other]
 
 
+@pytest.mark.parametrize("name", ["identify_accessed_tensors", "identify_mutated_tensors"])
+def test_access_analysis_memo_runs_once_per_key_and_hands_out_copies(monkeypatch, name):
+    """Inductor's read/write analysis of a user kernel (either torch's name for it) runs
+    once per (kernel, dtypes, ints, constexprs) for ours; each caller gets its own copy."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
+
+    from attnfuse.passes import inline_kernels as ik
+
+    calls = []
+
+    def fake_analysis(kernel, kwargs, tma):
+        calls.append(kernel)
+        return {"writes": ["Out"], "n": kwargs.get("n")}
+
+    monkeypatch.setattr(tkw, name, fake_analysis, raising=False)
+    monkeypatch.setattr(ik, "_ACCESSES", {})
+    ik._install_ttir_memo()
+    ours = ik._wrapped(gd_kernel_fn(), 4, 3)
+    t16 = torch.empty(2, dtype=torch.float16)
+    first = getattr(tkw, name)(ours, {"Q": t16, "n": 8}, {})
+    again = getattr(tkw, name)(ours, {"Q": torch.empty(3, dtype=torch.float16), "n": 8}, {})
+    assert first == again == {"writes": ["Out"], "n": 8} and first is not again
+    assert getattr(tkw, name)(ours, {"Q": t16, "n": 9}, {})["n"] == 9
+    other = object()
+    getattr(tkw, name)(other, {"Q": t16}, {})
+    getattr(tkw, name)(other, {"Q": t16}, {})
+    assert calls == [ours, ours, other, other]
+    monkeypatch.setenv("ATTNFUSE_TTIR_MEMO", "0")
+    getattr(tkw, name)(ours, {"Q": t16, "n": 8}, {})
+    assert calls[-1] is ours and len(calls) == 5
+
+
 def gd_kernel_fn():
     from attnfuse.custom_ops.kernels.grouped_decode import _STAGE2
 
