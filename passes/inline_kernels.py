@@ -68,7 +68,8 @@ def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
     if key not in _WRAPPED:
         _WRAPPED[key] = triton.autotune(
             configs=[triton.Config({}, num_warps=num_warps, num_stages=num_stages)], key=[])(fn)
-        _OURS.add(id(_WRAPPED[key]))
+        _AUTOTUNERS[id(_WRAPPED[key])] = fn
+        _OURS.add(id(fn))
     _install_ttir_memo()
     return _WRAPPED[key]
 
@@ -83,7 +84,11 @@ def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
 # reused: the TTIR (``generate_ttir``) and the analysis result (``identify_accessed_tensors``,
 # ``identify_mutated_tensors`` in older torch), the latter copied for each caller.
 # ``ATTNFUSE_TTIR_MEMO=0`` turns both memos off.
+#: ids of our JIT functions, and our one-config autotuners -> their JIT function (Inductor
+#: analyses the autotuner when it functionalizes and reinplaces, its ``fn`` when it lowers;
+#: with one config without kwargs both give the same result, so both share one entry)
 _OURS: set[int] = set()
+_AUTOTUNERS: dict[int, Any] = {}
 _TTIR: dict[tuple, Any] = {}
 _ACCESSES: dict[tuple, Any] = {}
 _ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
@@ -103,11 +108,12 @@ def _ttir_arg_key(v: Any) -> Any:
 def _memo_key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any, rest: tuple,
               extra: dict) -> tuple | None:
     """The key our kernel's TTIR and analysis depend on; ``None``: do not memoize."""
-    if (id(kernel) not in _OURS or tma_descriptor_metadata or rest or extra
+    base = _AUTOTUNERS.get(id(kernel), kernel)
+    if (id(base) not in _OURS or tma_descriptor_metadata or rest or extra
             or os.environ.get("ATTNFUSE_TTIR_MEMO", "1") == "0"):
         return None
     try:
-        return (id(kernel), tuple(sorted((n, _ttir_arg_key(v)) for n, v in kwargs.items())))
+        return (id(base), tuple(sorted((n, _ttir_arg_key(v)) for n, v in kwargs.items())))
     except TypeError:
         return None
 

@@ -229,6 +229,8 @@ def test_access_analysis_memo_runs_once_per_key_and_hands_out_copies(monkeypatch
     first = getattr(tkw, name)(ours, {"Q": t16, "n": 8}, {})
     again = getattr(tkw, name)(ours, {"Q": torch.empty(3, dtype=torch.float16), "n": 8}, {})
     assert first == again == {"writes": ["Out"], "n": 8} and first is not again
+    # Inductor's lowering analyses the autotuner's JIT function: the same entry
+    assert getattr(tkw, name)(gd_kernel_fn(), {"Q": t16, "n": 8}, {}) == first
     assert getattr(tkw, name)(ours, {"Q": t16, "n": 9}, {})["n"] == 9
     other = object()
     getattr(tkw, name)(other, {"Q": t16}, {})

@@ -49,9 +49,10 @@ TARGET_PROGRAMS = 264
 MAX_TILE_ELEMENTS = 4096
 #: elements of a head tile per warp. Measured on H100 (bench_rope_kv's num_warps sweep):
 #: for a whole Llama-3-8B token (32 x 128) 4 warps are fastest or within 2% from 1k to
-#: 32k tokens (8 warps: up to 13% slower, 1 warp: 5-13% slower); small tiles (decode,
-#: heads split over programs) want one warp
-ELEMENTS_PER_WARP = 1024
+#: 32k tokens (8 warps: up to 13% slower, 1 warp: 5-13% slower); one-head tiles (T <= 16
+#: decode) want one warp; 8-head tiles (T = 128) 4 warps (3.0-3.1 us against 3.2-3.4 us
+#: with one, bf16 and fp8 caches, under CUDA graphs)
+ELEMENTS_PER_WARP = 256
 MAX_WARPS = 4
 
 #: largest finite values of the fp8 formats: the saturating cast clamps to them
