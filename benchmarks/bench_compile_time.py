@@ -23,7 +23,8 @@ memo]`` inlines but lets Inductor generate each launch node's TTIR anew
 (``ATTNFUSE_TTIR_MEMO=0``).
 
 Run: ``python benchmarks/bench_compile_time.py`` (GPU). Environment: ``CT_ROUNDS``,
-``CT_LAYERS``, ``CT_CTX``, ``CT_VARIANTS`` (comma-separated names).
+``CT_LAYERS``, ``CT_CTX``, ``CT_VARIANTS`` and ``CT_STATES`` (comma-separated subsets),
+``CT_RESULT`` (results file name).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ LAYERS = int(os.environ.get("CT_LAYERS", "4"))
 CTX = int(os.environ.get("CT_CTX", "4096"))
 #: comma-separated subset of VARIANTS (default: all)
 SELECTED = [v for v in os.environ.get("CT_VARIANTS", "").split(",") if v]
+#: results file name under benchmarks/results/
+RESULT = os.environ.get("CT_RESULT", "compile_time")
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
 VARIANTS = {
@@ -73,7 +76,7 @@ class _PassTimes(logging.Handler):
             self.ms.append(float(m.group(1)))
 
 
-STATES = ("cold", "warm triton", "warm")
+STATES = tuple(os.environ.get("CT_STATES", "cold,warm triton,warm").split(","))
 _ANALYSIS_S: list[float] = []
 
 
@@ -177,7 +180,7 @@ def main() -> None:
     for r in rows:
         r["pass_manager_ms_median"] = pass_ms
         print(r, flush=True)
-    write_results("compile_time", rows,
+    write_results(RESULT, rows,
                   ["variant", "caches", "median_s", "min_s", "max_s", "vs_inductor", "analysis_s",
                    "pass_manager_ms_median"],
                   title=f"Compile time: first decode call of a fresh compile ({LAYERS} Llama-3-8B layers, B=1)",
