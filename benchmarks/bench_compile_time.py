@@ -16,8 +16,9 @@ AOTAutograd, Inductor, Triton compilation of every kernel, the first run) after
 Variants alternate within each round so that drift of the machine hits all of them; an
 untimed compile first takes the process's one-time costs (imports, CUDA context). The
 pass manager's own time per graph (``attnfuse`` debug log) is reported too, and the time
-Inductor spends finding what each user kernel reads and writes (its TTIR analysis of
-every ``triton_kernel_wrapper`` node, ``analysis_s``).
+Inductor spends finding what each user kernel reads and writes (its TTIR analysis of the
+``triton_kernel_wrapper`` nodes, ``analysis_s``; calls attnfuse's memo answers cost a copy
+and are not counted).
 ``attnfuse[op calls]`` keeps op calls (``inline_kernels`` off); ``attnfuse[no TTIR
 memo]`` inlines but lets Inductor generate each launch node's TTIR anew
 (``ATTNFUSE_TTIR_MEMO=0``).

@@ -94,7 +94,6 @@ Origin: SGLang PR 9014 (fused ``set_kv_buffer`` into the RoPE kernel).
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import operator
 from collections.abc import Iterable
