@@ -21,7 +21,8 @@ Inductor spends finding what each user kernel reads and writes (its TTIR analysi
 and are not counted).
 ``attnfuse[op calls]`` keeps op calls (``inline_kernels`` off); ``attnfuse[no TTIR
 memo]`` inlines but lets Inductor generate each launch node's TTIR anew
-(``ATTNFUSE_TTIR_MEMO=0``).
+(``ATTNFUSE_TTIR_MEMO=0``); ``attnfuse[no early compile]`` leaves our kernels' compilation
+to when Inductor loads the module (``ATTNFUSE_EARLY_COMPILE=0``).
 
 Run: ``python benchmarks/bench_compile_time.py`` (GPU). Environment: ``CT_ROUNDS``,
 ``CT_LAYERS``, ``CT_CTX``, ``CT_VARIANTS`` and ``CT_STATES`` (comma-separated subsets),
@@ -59,6 +60,7 @@ VARIANTS = {
     "attnfuse": {"backend": "attnfuse"},
     "attnfuse[op calls]": {"backend": "attnfuse", "options": {"inline_kernels": False}},
     "attnfuse[no TTIR memo]": {"backend": "attnfuse", "env": {"ATTNFUSE_TTIR_MEMO": "0"}},
+    "attnfuse[no early compile]": {"backend": "attnfuse", "env": {"ATTNFUSE_EARLY_COMPILE": "0"}},
     "inductor+cg": {"mode": "reduce-overhead"},
     "attnfuse+cg": {"backend": "attnfuse", "options": {"mode": "reduce-overhead"}},
 }
@@ -128,7 +130,7 @@ def first_call_s(model, cache, kwargs: dict, state: str = "cold") -> float:
                 "warm triton": ("TORCHINDUCTOR_CACHE_DIR",), "warm": ()}[state]:
         os.environ[var] = tempfile.mkdtemp(prefix="attnfuse_ct_")
     kwargs = dict(kwargs)
-    for var in ("ATTNFUSE_TTIR_MEMO",):
+    for var in ("ATTNFUSE_TTIR_MEMO", "ATTNFUSE_EARLY_COMPILE"):
         os.environ.pop(var, None)
     os.environ.update(kwargs.pop("env", {}))
     torch._dynamo.reset()

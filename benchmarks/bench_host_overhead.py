@@ -17,7 +17,6 @@ synchronization inside the timed loop (GPU work queues up asynchronously):
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,24 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from common import write_results  # noqa: E402
+from common import host_us, write_results  # noqa: E402
 
 CTX = 4096
 CALLS = 200
 HQ, HKV, D = 32, 8, 128
-
-
-def host_us(fn) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(CALLS):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    torch.cuda.synchronize()
-    return statistics.median(samples)
 
 
 def _add_probe_cases(cases: dict, args: tuple, rope_args: tuple) -> None:
@@ -123,7 +109,7 @@ def main() -> None:
     for name, fn in cases.items():
         os.environ["ATTNFUSE_FAST_LAUNCH"] = "0" if name.endswith("[slow launch]") else "1"
         try:
-            us = host_us(fn)
+            us = host_us(fn, CALLS)
         except Exception as exc:
             print(f"{name}: FAILED {type(exc).__name__}: {exc}")
             continue

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,21 @@ def bench_us(fn: Callable[[], Any], *, cuda_graph: bool = False, warmup_ms: floa
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS)
+    return statistics.median(samples)
+
+
+def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Median host time of one call of ``fn`` in microseconds (no synchronization inside
+    the loop: GPU work queues up; it is waited for once before and once after)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
     return statistics.median(samples)
 
 

@@ -53,10 +53,15 @@ Example
 
 from __future__ import annotations
 
-
 import torch
 
-from ._dispatch import FLOAT_DTYPES, INDEX_DTYPES, kernel_on_cpu, use_kernel  # noqa: F401
+from ._dispatch import (  # noqa: F401
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    kernel_on_cpu,
+    register_direct_kernels,
+    use_kernel,
+)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES
@@ -250,8 +255,7 @@ def _kernel(q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, wi
 
 
 # ------------------------------------------------------------------ the op
-@torch.library.custom_op("attnfuse::grouped_decode", mutates_args=())
-def grouped_decode_op(
+def _grouped_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
     block_table: torch.Tensor | None, seq_lens: torch.Tensor | None, mask: torch.Tensor | None,
     scale: float, softcap: float, window: int,
@@ -267,6 +271,10 @@ def grouped_decode_op(
     return _reference(*args)
 
 
+grouped_decode_op = torch.library.custom_op("attnfuse::grouped_decode", _grouped_decode,
+                                            mutates_args=())
+
+
 @grouped_decode_op.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
       k_scale, v_scale, v_head_dim):
@@ -279,6 +287,10 @@ def _(q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
     out = q.new_empty(q.shape[0], q.shape[1], dv)
     lse = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
     return out, lse
+
+
+#: whether calls reach ``_grouped_decode`` through one Python kernel (``_dispatch``)
+DIRECT_DISPATCH = register_direct_kernels(grouped_decode_op, _grouped_decode)
 
 
 def grouped_decode(q, k_cache, v_cache=None, *, block_table=None, seq_lens=None, mask=None,

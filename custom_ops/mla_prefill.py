@@ -85,6 +85,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._dispatch import register_direct_kernels
+
 # --------------------------------------------------------------------------- limits
 #: Scratch the MHA form may allocate at once for the decompressed K (D_nope + D_rope per
 #: head) and V (D_v per head). Bigger batches are decompressed and attended in groups of
@@ -606,8 +608,7 @@ def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_se
     return lambda: mla_prefill_absorbed_dense_torch(*args, cu_host, scale, causal)
 
 
-@torch.library.custom_op("attnfuse::mla_prefill", mutates_args=())
-def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_pe: torch.Tensor,
+def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_pe: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, scale: float, causal: bool = True,
                 topk_indices: Optional[torch.Tensor] = None, topk_covers_visible: bool = False,
@@ -619,6 +620,9 @@ def mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_p
     out = prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen,
                        scale, causal, topk_indices)()
     return out.to(q_nope.dtype).contiguous()
+
+
+mla_prefill = torch.library.custom_op("attnfuse::mla_prefill", _mla_prefill, mutates_args=())
 
 
 @mla_prefill.register_fake
@@ -642,6 +646,10 @@ def _(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal
         torch._check(topk_indices.dim() == 2 and topk_indices.shape[0] == T,
                      lambda: f"topk_indices: expected ({T}, K), got {tuple(topk_indices.shape)}")
     return q_nope.new_empty(T, H, w_uv.shape[2])
+
+
+#: whether calls reach ``_mla_prefill`` through one Python kernel (``_dispatch``)
+DIRECT_DISPATCH = register_direct_kernels(mla_prefill, _mla_prefill)
 
 
 __all__ = [

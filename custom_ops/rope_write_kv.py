@@ -65,12 +65,18 @@ Example
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
-from ._dispatch import FLOAT_DTYPES, INDEX_DTYPES, kernel_on_cpu, use_kernel  # noqa: F401
+from ._dispatch import (  # noqa: F401
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    kernel_on_cpu,
+    register_direct_kernels,
+    use_kernel,
+)
+from .kernels._launch import LaunchPlan, PlanCache, tensor_signature
 
 CACHE_LAYOUTS = ("static", "flat", "paged_nhd", "paged_hnd")
 ROPE_STYLES = ("neox", "interleaved")
@@ -299,12 +305,15 @@ def _cache_strides(cache: torch.Tensor, layout: str) -> tuple[tuple[int, ...], i
 
 
 def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
-            rotary_dim, style, k_scale, v_scale, return_k, num_warps=None):
+            rotary_dim, style, k_scale, v_scale, return_k, num_warps=None, remember=None):
+    """The Triton path; with ``remember`` (a call signature, ``_signature``) the launch
+    is also kept in ``_PLANS`` under it for later calls of that signature."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         # the kernel assumes contiguous features; such caches are rare: stay correct
         return _reference(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index,
                           cache_layout, rotary_dim, style, k_scale, v_scale, return_k)
-    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+    given = (q, k, v, cos, sin)
+    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in given)
 
     def empty(shape, dtype):
         return torch.empty(shape, dtype=dtype, device=q.device)
@@ -314,6 +323,39 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
         style, k_scale, v_scale, return_k, empty=empty, num_warps=num_warps)
     if launch is not None:
         launch()
+    if remember is not None and all(a is b for a, b in zip(given, (q, k, v, cos, sin))):
+        tensors = (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, k_scale, v_scale,
+                   q_out, k_out)
+        plan = None if launch is None else LaunchPlan.of(launch, tensors)
+        if launch is None or plan is not None:
+            _PLANS.remember(remember, plan)
+    return q_out, (k_out if k_out is not None else k.new_empty(0))
+
+
+# ------------------------------------------------------------------ planned calls
+# Decode and eager prefill call the op with the same shapes, strides and dtypes step
+# after step. The first call of each such signature is validated and planned; its launch
+# is remembered (LaunchPlan: the kernel arguments with the tensors left as slots) and
+# later calls only allocate the outputs and launch. Validation and planning read nothing
+# but the signature and the non-tensor arguments, all of which are in the key, so a
+# remembered call would have passed validation and planned the same launch.
+_PLANS = PlanCache()
+
+
+def _signature(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
+               rotary_dim, style, k_scale, v_scale, return_k) -> tuple:
+    return (cache_layout, rotary_dim, style, return_k,
+            *map(tensor_signature, (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index,
+                                    k_scale, v_scale)))
+
+
+def _planned(plan, q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, return_k,
+             k_scale, v_scale):
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if return_k else None
+    if plan is not None:
+        plan.launch((q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, k_scale,
+                     v_scale, q_out, k_out))
     return q_out, (k_out if k_out is not None else k.new_empty(0))
 
 
@@ -354,21 +396,28 @@ def plan_kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cac
 
 
 # ------------------------------------------------------------------ the op
-@torch.library.custom_op("attnfuse::rope_write_kv", mutates_args=("k_cache", "v_cache"))
-def rope_write_kv(
+def _rope_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
     k_cache: torch.Tensor, v_cache: torch.Tensor, cache_index: torch.Tensor,
     cache_layout: str, rotary_dim: int, style: str,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, return_k: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    validate(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
-             rotary_dim, style, k_scale, v_scale)
     args = (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
             rotary_dim, style, k_scale, v_scale, return_k)
-    if use_kernel(q.device):
-        return _kernel(*args)
-    return _reference(*args)
+    if not use_kernel(q.device):
+        validate(*args[:-1])
+        return _reference(*args)
+    key = _signature(*args)
+    if key in _PLANS:
+        return _planned(_PLANS[key], q, k, v, cos, sin, positions, k_cache, v_cache,
+                        cache_index, return_k, k_scale, v_scale)
+    validate(*args[:-1])  # raises for bad input; only calls that pass are remembered
+    return _kernel(*args, remember=key)
+
+
+rope_write_kv = torch.library.custom_op(
+    "attnfuse::rope_write_kv", _rope_write_kv, mutates_args=("k_cache", "v_cache"))
 
 
 @rope_write_kv.register_fake
@@ -387,62 +436,9 @@ def _(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
     return q_out, k_out
 
 
-# torch's generic ADInplaceOrView kernel for a mutating custom op rebuilds the schema's
-# argument list once per argument before bumping version counters (quadratic in the 15
-# arguments: 60-150 us per call on the hosts measured, more than the kernel itself at
-# 8k tokens; benchmarks/results/bench_rope_kv.md). This kernel does the same job, bumping
-# the two caches' version counters and redispatching, in constant time.
-_MUTATED_ARG_POSITIONS = (6, 7)  # k_cache, v_cache in the schema
-_AFTER_AD_INPLACE_OR_VIEW = torch._C._after_ADInplaceOrView_keyset
-_fast_dispatch_lib = torch.library.Library("attnfuse", "FRAGMENT")
-
-
-def _ad_inplace_or_view(keyset, *args, **kwargs):
-    caches = [args[pos] if pos < len(args) else kwargs[name]
-              for pos, name in zip(_MUTATED_ARG_POSITIONS, ("k_cache", "v_cache"))]
-    torch.autograd.graph.increment_version(caches)
-    return torch.ops.attnfuse.rope_write_kv.default.redispatch(
-        keyset & _AFTER_AD_INPLACE_OR_VIEW, *args, **kwargs)
-
-
-def _install_fast_ad_inplace_or_view() -> bool:
-    """Register ``_ad_inplace_or_view`` over the generic kernel; False if torch refuses."""
-    impl = _fast_dispatch_lib.impl
-    args = ("rope_write_kv", _ad_inplace_or_view, "ADInplaceOrView")
-    if "allow_override" in inspect.signature(impl).parameters:  # torch >= 2.13
-        impl(*args, with_keyset=True, allow_override=True)
-        return True
-    # older torch refuses a second Python kernel for a key it has recorded, although the
-    # dispatcher itself takes the override: forget the record of the generic kernel
-    recorded = getattr(torch.library, "_impls", None)
-    if not isinstance(recorded, set):
-        return False
-    recorded.discard("attnfuse/rope_write_kv/ADInplaceOrView")
-    try:
-        impl(*args, with_keyset=True)
-    except RuntimeError:
-        return False
-    return True
-
-
-#: whether the constant-time kernel is installed (the generic one stays otherwise)
-FAST_HOST_DISPATCH = _install_fast_ad_inplace_or_view()
-
-
-def _cuda(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
-          rotary_dim, style, k_scale, v_scale, return_k):
-    validate(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
-             rotary_dim, style, k_scale, v_scale)
-    return _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
-                   rotary_dim, style, k_scale, v_scale, return_k)
-
-
-# The op's implementation above serves every device through custom_op's generic backend
-# wrapper, which costs ~200 us of host time per call on torch 2.11 (measured on H100's
-# host: more than the kernel at 8k tokens). CUDA tensors take this direct kernel instead:
-# the same validation and launch, without the wrapper (a CUDA kernel outranks the
-# op's CompositeExplicitAutograd one).
-_fast_dispatch_lib.impl("rope_write_kv", _cuda, "CUDA")
+#: whether calls reach ``_rope_write_kv`` through one Python kernel (``_dispatch``)
+DIRECT_DISPATCH = register_direct_kernels(rope_write_kv, _rope_write_kv,
+                                          mutated=("k_cache", "v_cache"))
 
 
 def reference(*args, **kwargs):

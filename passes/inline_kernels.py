@@ -71,6 +71,7 @@ def _wrapped(fn: Any, num_warps: int, num_stages: int) -> Any:
         _AUTOTUNERS[id(_WRAPPED[key])] = fn
         _OURS.add(id(fn))
     _install_ttir_memo()
+    _install_early_compile()
     return _WRAPPED[key]
 
 
@@ -143,6 +144,82 @@ def _install_ttir_memo() -> None:
         original = getattr(tkw, name, None)
         if original is not None and not getattr(original, "_attnfuse_memo", False):
             setattr(tkw, name, _memoized(original, table_name, copy))
+
+
+# Inductor starts compiling each of its own kernels in its worker pool as soon as code
+# generation has written the kernel (when the pool is up), so compilation overlaps the
+# rest of code generation. A user kernel is only written into the module's source and
+# compiled when the module is loaded, after code generation: on a cold cache the module
+# then waits for our slowest kernel (about 1 s for the decode kernel on H100 hosts) with
+# nothing left to overlap (``async_compile.wait`` +0.5-0.7 s against Inductor alone,
+# benchmarks/results/compile_time.md). For our kernels the same early start is made
+# here: the ``async_compile.triton(name, source)`` call Inductor writes for the kernel
+# is submitted to the pool as it is written, and the module's own call, made with the
+# same source when it loads, finds that compilation in Inductor's in-memory cache
+# (``CompiledTritonKernels``). ``ATTNFUSE_EARLY_COMPILE=0`` turns this off.
+def early_compile_call(code: str) -> tuple[str, str, str] | None:
+    """``(kernel_name, source, device_str)`` of the ``async_compile.triton(...)`` call
+    ``code`` holds, read as literals (never executed); None if it is anything else."""
+    import ast
+
+    try:
+        call = ast.parse(code.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and call.func.attr == "triton" and isinstance(call.func.value, ast.Name)
+            and call.func.value.id == "async_compile" and len(call.args) == 2):
+        return None
+    try:
+        name, source = (ast.literal_eval(a) for a in call.args)
+        extra = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except ValueError:
+        return None
+    if set(extra) - {"device_str"} or not isinstance(name, str) or not isinstance(source, str):
+        return None
+    return name, source, extra.get("device_str", "cuda")
+
+
+def _compile_early(code: str) -> None:
+    from torch._inductor.async_compile import AsyncCompile
+
+    call = early_compile_call(code)
+    if call is not None and AsyncCompile.use_process_pool():
+        name, source, device = call
+        AsyncCompile().triton(name, source, device_str=device)
+
+
+def _install_early_compile() -> None:
+    try:
+        from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(PythonWrapperCodegen, "define_user_defined_triton_kernel", None)
+    if original is None or getattr(original, "_attnfuse_early", False):
+        return
+
+    @functools.wraps(original)
+    def define_user_defined_triton_kernel(self, kernel, *args, **kwargs):
+        base = _AUTOTUNERS.get(id(kernel), kernel)
+        if (id(base) not in _OURS or "define_kernel" in vars(self)
+                or os.environ.get("ATTNFUSE_EARLY_COMPILE", "1") == "0"):
+            return original(self, kernel, *args, **kwargs)
+
+        def define_kernel(name, kernel_code, *a, **k):
+            try:
+                _compile_early(kernel_code)
+            except Exception:  # noqa: BLE001 - an early start is only an optimization
+                pass  # the module compiles the kernel when it loads, as without this
+            return type(self).define_kernel(self, name, kernel_code, *a, **k)
+
+        self.define_kernel = define_kernel  # for this call only
+        try:
+            return original(self, kernel, *args, **kwargs)
+        finally:
+            del self.define_kernel
+
+    define_user_defined_triton_kernel._attnfuse_early = True
+    PythonWrapperCodegen.define_user_defined_triton_kernel = define_user_defined_triton_kernel
 
 
 def forget_compiled_analyses() -> None:

@@ -245,3 +245,18 @@ def gd_kernel_fn():
     from attnfuse.custom_ops.kernels.grouped_decode import _STAGE2
 
     return _STAGE2.fn
+
+
+def test_early_compile_reads_the_call_as_literals():
+    from attnfuse.passes.inline_kernels import early_compile_call
+
+    source = "import triton\n@triton.jit\ndef k_0(x):\n    s = 'a\\\\n'\n"
+    code = "async_compile.triton('k_0', " + repr(source) + ", device_str='cuda')\n"
+    assert early_compile_call(code) == ("k_0", source, "cuda")
+    triple = "async_compile.triton('k_1', '''\nimport triton\ndef k_1():\n    pass\n''')"
+    assert early_compile_call(triple) == ("k_1", "\nimport triton\ndef k_1():\n    pass\n", "cuda")
+    # anything else is left alone, and nothing is ever executed
+    assert early_compile_call("async_compile.triton('k', __import__('os').getcwd())") is None
+    assert early_compile_call("other.triton('k', 'src')") is None
+    assert early_compile_call("async_compile.triton('k', 'src', device_str='cuda', x=1)") is None
+    assert early_compile_call("not python (") is None

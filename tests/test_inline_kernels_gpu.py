@@ -95,3 +95,43 @@ def test_inlined_decode_fresh_data_every_call():
         args = _inputs(torch.bfloat16, seed)
         want_args = [a.clone() for a in args]
         torch.testing.assert_close(fn(*args), _layer(*want_args), **TOL)
+
+
+def test_our_kernels_start_compiling_during_code_generation(monkeypatch, tmp_path):
+    """With Inductor's worker pool up, each of our kernels is submitted when code
+    generation writes it; the module's own compile call then hits that submission:
+    one more cache hit per kernel than the same cold compile without the early start."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.async_compile import AsyncCompile
+
+    import attnfuse
+    from attnfuse.passes import inline_kernels
+
+    from torch._inductor.async_compile import get_compile_threads
+
+    if get_compile_threads() <= 1:
+        pytest.skip("Inductor compiles in this process (no worker pool): nothing to start early")
+    AsyncCompile.wait_pool_ready()  # as after a process's first compile
+    assert AsyncCompile.use_process_pool()
+    submitted = []
+    real = inline_kernels._compile_early
+    monkeypatch.setattr(inline_kernels, "_compile_early",
+                        lambda code: (submitted.append(code), real(code)))
+    hits = {}
+    for early in ("0", "1"):
+        torch._dynamo.reset()
+        inline_kernels.forget_compiled_analyses()
+        monkeypatch.setenv("ATTNFUSE_EARLY_COMPILE", early)
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / early / "inductor"))
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / early / "triton"))
+        counters.clear()
+        args = _inputs(torch.bfloat16, seed=5)
+        want_args = [a.clone() for a in args]
+        out = torch.compile(_layer, backend=attnfuse.AttnfuseBackend())(*args)
+        torch.testing.assert_close(out, _layer(*want_args), **TOL)
+        hits[early] = counters["inductor"]["async_compile_cache_hit"]
+        if early == "0":
+            assert submitted == []
+    assert len(submitted) >= 2, submitted  # rope, decode (and its merge when it splits)
+    assert all(inline_kernels.early_compile_call(c) is not None for c in submitted)
+    assert hits["1"] - hits["0"] == len(submitted), hits

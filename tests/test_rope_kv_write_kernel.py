@@ -143,3 +143,41 @@ def test_strided_features_are_copied_not_misread():
     args[0] = torch.stack((args[0], torch.zeros_like(args[0])), -1).flatten(-2)[..., 0::2]
     assert args[0].stride(-1) == 2 and args[3].stride(-1) == 2
     _assert_same(*_run_both(args), torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_remembered_launch_uses_each_calls_tensors(layout):
+    """The second call of a signature takes the remembered launch: it must read and write
+    that call's tensors (fresh data, other caches), not the first call's."""
+    rwk._PLANS.clear()
+    first, _, _ = _case(layout, seed=1)
+    _assert_same(*_run_both(first), torch.float32)
+    assert len(rwk._PLANS) == 1
+    plan_key = next(iter(rwk._PLANS))
+    second, _, _ = _case(layout, seed=2)
+    assert rwk._signature(*second) == plan_key  # same signature, other tensors
+    _assert_same(*_run_both(second), torch.float32)
+    assert len(rwk._PLANS) == 1
+
+
+def test_signature_tells_strides_apart():
+    """A transposed (same shape, other strides) input is planned anew."""
+    rwk._PLANS.clear()
+    args, _, _ = _case("flat", tokens=4, hq=4, hkv=4, seed=3)
+    _assert_same(*_run_both(args), torch.float32)
+    q = args[0]
+    args[0] = q.transpose(0, 1).contiguous().transpose(0, 1)  # (T, H, D), other strides
+    assert rwk._signature(*args) not in rwk._PLANS
+    _assert_same(*_run_both(args), torch.float32)
+    assert len(rwk._PLANS) == 2
+
+
+def test_bad_input_is_never_remembered():
+    rwk._PLANS.clear()
+    args, _, _ = _case("flat")
+    args[10] = 7  # odd rotary_dim
+    with rwk.kernel_on_cpu(), pytest.raises(ValueError, match="rotary_dim"):
+        OP(*args)
+    with rwk.kernel_on_cpu(), pytest.raises(ValueError, match="rotary_dim"):
+        OP(*args)
+    assert not rwk._PLANS

@@ -43,6 +43,17 @@ except ImportError:  # pragma: no cover - older Triton: ordinary launches only
 MAX_ENTRIES = 1024
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a constexpr function with per-call
+    overhead in recent Triton; launch planning runs on every call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (0 for ``n <= 0``), as ``triton.next_power_of_2``."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def fast_launch_enabled() -> bool:
     return os.environ.get("ATTNFUSE_FAST_LAUNCH", "1") != "0"
 
@@ -122,3 +133,62 @@ class KernelLaunch:
     def __call__(self) -> None:
         self.launcher(self.grid, self.args, self.constexprs, num_warps=self.num_warps,
                       num_stages=self.num_stages)
+
+
+# ------------------------------------------------------------------ planned calls
+def tensor_signature(t: torch.Tensor | None) -> tuple | None:
+    """What an op's validation and launch planning read of a tensor: shape, strides,
+    dtype and device index (``None`` for an absent optional tensor)."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """A ``KernelLaunch`` with its tensors replaced by slots, to be filled from the tensors
+    of a later call with the same signature.
+
+    ``rebind`` pairs each tensor position in ``template`` with the index of the call
+    tensor that goes there (``tensors`` given to ``of``/``launch``, in the caller's
+    order; outputs allocated per call included).
+    """
+
+    launcher: Launcher
+    grid: tuple[int, ...]
+    template: tuple
+    rebind: tuple[tuple[int, int], ...]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    @staticmethod
+    def of(launch: KernelLaunch, tensors: tuple) -> LaunchPlan | None:
+        """The plan of ``launch``, or None when one of its tensors is not in ``tensors``
+        (a temporary made for this call: such calls are planned every time)."""
+        rebind = []
+        for pos, arg in enumerate(launch.args):
+            if isinstance(arg, torch.Tensor):
+                idx = next((i for i, t in enumerate(tensors) if t is arg), None)
+                if idx is None:
+                    return None
+                rebind.append((pos, idx))
+        template = tuple(None if isinstance(a, torch.Tensor) else a for a in launch.args)
+        return LaunchPlan(launch.launcher, launch.grid, template, tuple(rebind),
+                          launch.constexprs, launch.num_warps, launch.num_stages)
+
+    def launch(self, tensors: tuple) -> None:
+        args = list(self.template)
+        for pos, idx in self.rebind:
+            args[pos] = tensors[idx]
+        self.launcher(self.grid, tuple(args), self.constexprs, num_warps=self.num_warps,
+                      num_stages=self.num_stages)
+
+
+class PlanCache(dict):
+    """Signature -> plan, cleared when it reaches ``MAX_ENTRIES`` (keys hold token counts)."""
+
+    def remember(self, key: tuple, plan: Any) -> None:
+        if len(self) >= MAX_ENTRIES:
+            self.clear()
+        self[key] = plan

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv
+
 #: bytes each program stores per loop iteration: 16 KiB keeps 8 warps issuing 64-byte
 #: stores per thread, enough in-flight stores to approach one SM's store bandwidth
 BLOCK_BYTES = 16384
@@ -75,7 +77,7 @@ def fill_settings(element_size: int, numel: int, num_programs: int) -> FillSetti
     if num_programs < 0:
         raise ValueError(f"num_programs: expected >= 0 (0 = full grid), got {num_programs}")
     block = BLOCK_BYTES // element_size
-    tiles = max(1, triton.cdiv(numel, block))
+    tiles = max(1, cdiv(numel, block))
     if num_programs == 0:
         num_programs = min(tiles, MAX_FULL_GRID_PROGRAMS)
     # more programs than tiles would only launch idle programs

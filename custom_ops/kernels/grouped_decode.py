@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch, Launcher
+from ._launch import KernelLaunch, Launcher, cdiv, next_pow2
 
 # ------------------------------------------------------------------ named limits
 #: tl.dot needs at least 16 rows; a tile of query heads is padded up to this
@@ -347,10 +347,10 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     """
     wide = head_dim_k > WIDE_HEAD_DIM
     if block_h is None:
-        block_h = min(max(triton.next_power_of_2(group_size), MIN_BLOCK_H), MAX_BLOCK_H)
+        block_h = min(max(next_pow2(group_size), MIN_BLOCK_H), MAX_BLOCK_H)
     if block_h < MIN_BLOCK_H or block_h & (block_h - 1):
         raise ValueError(f"block_h: expected a power of two >= {MIN_BLOCK_H}, got {block_h}")
-    head_tiles = triton.cdiv(group_size, block_h)
+    head_tiles = cdiv(group_size, block_h)
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, head_tiles, capacity,
                                              sm_count(device), wide)
@@ -448,9 +448,9 @@ def plan_grouped_decode(
     # K splits into the part multiplied with V's columns (shared-latent mode) and a tail
     head_da = head_dv if shared_kv else head_dim_k
     head_dt = head_dim_k - head_da
-    block_da = triton.next_power_of_2(head_da)
-    block_dt = triton.next_power_of_2(head_dt) if head_dt else 0
-    block_dv = block_da if shared_kv else triton.next_power_of_2(head_dv)
+    block_da = next_pow2(head_da)
+    block_dt = next_pow2(head_dt) if head_dt else 0
+    block_dv = block_da if shared_kv else next_pow2(head_dv)
     if head_dt:
         block_dt = max(block_dt, MIN_BLOCK_H)  # tl.dot's minimum inner size
 
@@ -478,7 +478,7 @@ def plan_grouped_decode(
         partial_lse = empty((batch, num_q_heads, splits), torch.float32)
     else:
         partial_out, partial_lse = out, lse  # never written
-    tiles_per_group = triton.cdiv(group_size, config.block_h)
+    tiles_per_group = cdiv(group_size, config.block_h)
     has_window = window is not None and window >= 0
 
     stage1 = KernelLaunch(
@@ -512,14 +512,14 @@ def plan_grouped_decode(
     merge_dv = min(block_dv, MERGE_DV_CHUNK)
     stage2 = KernelLaunch(
         _STAGE2,
-        (batch, num_q_heads, triton.cdiv(head_dv, merge_dv)),
+        (batch, num_q_heads, cdiv(head_dv, merge_dv)),
         (partial_out, partial_lse, seq_lens if seq_lens is not None else dummy_int, out, lse,
          capacity, window if has_window else 0,
          partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
          partial_lse.stride(0), partial_lse.stride(1),
          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
         dict(HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
-             BLOCK_S=min(max(triton.next_power_of_2(splits), 2), MERGE_CHUNK),
+             BLOCK_S=min(max(next_pow2(splits), 2), MERGE_CHUNK),
              SPLIT_ALIGN=config.block_n,
              HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
         num_warps=4, num_stages=3, writes=(3, 4),  # out, lse

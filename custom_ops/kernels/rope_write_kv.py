@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import KernelLaunch, Launcher
+from ._launch import KernelLaunch, Launcher, cdiv, next_pow2
 
 #: programs a launch should reach before head tiles stop being split: two waves on a
 #: 132-SM H100, enough to hide the memory latency of the short per-program work
@@ -76,16 +76,16 @@ def launch_settings(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_d
     # split heads while the grid is small, or while one tile would not fit in registers
     while num_tiles < num_q_heads and (
         num_tokens * num_tiles < TARGET_PROGRAMS
-        or triton.cdiv(num_q_heads, num_tiles) * head_dim > MAX_TILE_ELEMENTS
+        or cdiv(num_q_heads, num_tiles) * head_dim > MAX_TILE_ELEMENTS
     ):
         num_tiles *= 2
     num_tiles = min(num_tiles, num_q_heads)
-    block_hq = triton.next_power_of_2(triton.cdiv(num_q_heads, num_tiles))
-    num_tiles = triton.cdiv(num_q_heads, block_hq)
-    block_hkv = triton.next_power_of_2(max(1, triton.cdiv(num_kv_heads, num_tiles)))
-    num_tiles = max(num_tiles, triton.cdiv(num_kv_heads, block_hkv))
+    block_hq = next_pow2(cdiv(num_q_heads, num_tiles))
+    num_tiles = cdiv(num_q_heads, block_hq)
+    block_hkv = next_pow2(max(1, cdiv(num_kv_heads, num_tiles)))
+    num_tiles = max(num_tiles, cdiv(num_kv_heads, block_hkv))
     if num_warps is None:
-        tile_elements = block_hq * triton.next_power_of_2(head_dim)
+        tile_elements = block_hq * next_pow2(head_dim)
         num_warps = max(1, min(MAX_WARPS, tile_elements // ELEMENTS_PER_WARP))
     return LaunchSettings(num_tiles, block_hq, block_hkv, num_warps)
 
@@ -318,9 +318,9 @@ def plan_rope_write_kv_launch(
          *st["k_cache"][:3], *st["v_cache"][:3]),
         dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, ROTARY_DIM=rotary_dim,
              BLOCK_HQ=cfg.block_hq, BLOCK_HKV=cfg.block_hkv,
-             BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-             BLOCK_TAIL=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-             BLOCK_DV=triton.next_power_of_2(head_dim_v),
+             BLOCK_HALF=next_pow2(max(half, 1)),
+             BLOCK_TAIL=next_pow2(max(head_dim - rotary_dim, 1)),
+             BLOCK_DV=next_pow2(head_dim_v),
              INTERLEAVED=interleaved, COS_FULL_WIDTH=cos_width == rotary_dim,
              HAS_POSITIONS=positions is not None, INDEX_IS_POSITION=index_is_position,
              RETURN_K=k_out is not None,
