@@ -38,11 +38,11 @@ def use_kernel(device: torch.device) -> bool:
 # A ``torch.library.custom_op`` call on a plain tensor passes three Python kernels: the
 # generic autograd kernel, the generic ADInplaceOrView kernel of a mutating op (it
 # rebuilds the schema's argument list on every call) and the generic backend wrapper
-# (it checks that outputs do not alias inputs). On the 2-core CI machine that is
-# 64 us per call against 5 us for one Python kernel (``probe``-style timing of a
-# 15-argument op, torch 2.13); on the hosts of the GPU machines measured it was more than
-# the kernel itself runs at 8k tokens (benchmarks/results/host_overhead.md). The
-# kernels registered here cut an ordinary call to one Python kernel.
+# (it checks that outputs do not alias inputs). On the 2-core CI machine that is about
+# 64 us per call of a 15-argument op with an empty body, against 7-8 us through the
+# kernels registered here (torch 2.13); on the hosts of the GPU machines measured it was
+# more than the kernel itself runs at 8k tokens (benchmarks/results/bench_rope_kv.md).
+# The kernels registered here cut an ordinary call to one Python kernel.
 _AFTER_AD_INPLACE_OR_VIEW = torch._C._after_ADInplaceOrView_keyset
 #: device types given direct kernels, with the backend dispatch key each one reaches
 DIRECT_BACKENDS = {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}
@@ -61,13 +61,16 @@ def register_direct_kernels(op: torch._library.custom_ops.CustomOpDef, impl,
     """Give ``op`` direct CPU/CUDA kernels that call ``impl`` (its Python body).
 
     * Backend keys (``CPU``, ``CUDA``): ``impl`` itself, in place of custom_op's generic
-      wrapper; this is the whole path under ``torch.inference_mode``.
+      wrapper (the whole path for inference tensors under ``torch.inference_mode``).
     * Autograd keys (``AutogradCPU``, ``AutogradCUDA``): when no input needs a gradient
       and the next kernel after autograd would be the plain backend one (no fake,
       functional or other Python tensor, no mode), bump the version counters of the
       ``mutated`` arguments (what ADInplaceOrView does for a mutating op) and call
       ``impl``. Any other call goes to custom_op's own autograd kernel, so gradients,
       tracing and functionalization behave exactly as without this.
+    * ADInplaceOrView (``mutated`` given): bump the version counters and call ``impl``
+      when the backend kernel is next (under ``torch.inference_mode`` ordinary tensors
+      still pass this key), else redispatch.
 
     Returns False (nothing registered) where torch lacks what this relies on or
     ``ATTNFUSE_DIRECT_DISPATCH=0``.
