@@ -340,6 +340,7 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
 # but the signature and the non-tensor arguments, all of which are in the key, so a
 # remembered call would have passed validation and planned the same launch.
 _PLANS = PlanCache()
+_UNPLANNED = object()  # a remembered plan may be None (no tokens: nothing to launch)
 
 
 def _signature(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
@@ -409,8 +410,9 @@ def _rope_write_kv(
         validate(*args[:-1])
         return _reference(*args)
     key = _signature(*args)
-    if key in _PLANS:
-        return _planned(_PLANS[key], q, k, v, cos, sin, positions, k_cache, v_cache,
+    plan = _PLANS.get(key, _UNPLANNED)
+    if plan is not _UNPLANNED:
+        return _planned(plan, q, k, v, cos, sin, positions, k_cache, v_cache,
                         cache_index, return_k, k_scale, v_scale)
     validate(*args[:-1])  # raises for bad input; only calls that pass are remembered
     return _kernel(*args, remember=key)

@@ -38,9 +38,18 @@ try:  # the direct path needs Triton's runtime knobs (Triton >= 3.4)
 except ImportError:  # pragma: no cover - older Triton: ordinary launches only
     _knobs = None
 
-#: entries kept per kernel before the table is cleared (keys hold ints such as token
-#: counts, so a long-running prefill sweep must not grow it without bound)
+#: entries a PlanCache keeps before it is cleared
 MAX_ENTRIES = 1024
+
+
+class PlanCache(dict):
+    """Key -> remembered launch, cleared when it reaches ``MAX_ENTRIES`` (keys hold ints
+    such as token counts: a long-running prefill sweep must not grow it without bound)."""
+
+    def remember(self, key: tuple, plan: Any) -> None:
+        if len(self) >= MAX_ENTRIES:
+            self.clear()
+        self[key] = plan
 
 
 def cdiv(a: int, b: int) -> int:
@@ -80,7 +89,7 @@ class Launcher:
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
-        self._cache: dict[tuple, tuple[Any, tuple]] = {}
+        self._cache = PlanCache()  # key -> (compiled kernel, trailing constexpr values)
         self._names: list[str] | None = list(getattr(fn, "arg_names", None) or []) or None
 
     def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any], *,
@@ -109,9 +118,7 @@ class Launcher:
             tail_names = self._names[len(args):]
             if sorted(tail_names) != sorted(constexprs):
                 return  # not trailing constexprs: keep the ordinary path for this kernel
-            if len(self._cache) >= MAX_ENTRIES:
-                self._cache.clear()
-            self._cache[key] = (kernel, tuple(constexprs[n] for n in tail_names))
+            self._cache.remember(key, (kernel, tuple(constexprs[n] for n in tail_names)))
 
 
 @dataclass(frozen=True)
@@ -183,12 +190,3 @@ class LaunchPlan:
             args[pos] = tensors[idx]
         self.launcher(self.grid, tuple(args), self.constexprs, num_warps=self.num_warps,
                       num_stages=self.num_stages)
-
-
-class PlanCache(dict):
-    """Signature -> plan, cleared when it reaches ``MAX_ENTRIES`` (keys hold token counts)."""
-
-    def remember(self, key: tuple, plan: Any) -> None:
-        if len(self) >= MAX_ENTRIES:
-            self.clear()
-        self[key] = plan
