@@ -140,13 +140,13 @@ def first_call_s(model, cache, kwargs: dict, state: str = "cold") -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        fwd(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        fwd(input_ids=tok, position_ids=pos, **cache_arg(cache), use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def main() -> None:
-    from hf_models import build_from_config, make_static_cache, tiny_config
+    from hf_models import build_from_config, cache_arg, make_static_cache, tiny_config
 
     import attnfuse  # noqa: F401  (registers the backends)
 

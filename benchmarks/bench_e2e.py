@@ -81,6 +81,8 @@ def fill_cache(cache, start: int) -> None:
 
 def decode_times(forward, cache, batch: int, ctx: int, vocab: int) -> tuple[list[float], torch.Tensor, float]:
     """(ms per timed step, logits of the first step, wall seconds of the first call)."""
+    from hf_models import cache_arg
+
     start = ctx - STEPS - WARMUP_STEPS
     fill_cache(cache, start)
     tok = torch.randint(0, vocab, (batch, 1), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -89,12 +91,12 @@ def decode_times(forward, cache, batch: int, ctx: int, vocab: int) -> tuple[list
         pos = torch.full((batch, 1), start + i, device=DEVICE, dtype=torch.long)
         t_begin = time.perf_counter()
         if DRY_RUN:
-            out = forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = forward(input_ids=tok, position_ids=pos, **cache_arg(cache), use_cache=True, logits_to_keep=1)
             step_ms = (time.perf_counter() - t_begin) * 1e3
         else:
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
-            out = forward(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = forward(input_ids=tok, position_ids=pos, **cache_arg(cache), use_cache=True, logits_to_keep=1)
             ev1.record()
             ev1.synchronize()
             step_ms = ev0.elapsed_time(ev1)

@@ -116,7 +116,7 @@ def main() -> None:
         rows.append(dict(call=name, host_us=us))
         print(f"{name:45s} {us:8.1f} us host", flush=True)
 
-    from hf_models import build_from_config, make_static_cache, tiny_config
+    from hf_models import build_from_config, cache_arg, make_static_cache, tiny_config
 
     import attnfuse  # noqa: F401
 
@@ -141,7 +141,7 @@ def main() -> None:
 
             def step(i: int, fwd=fwd):
                 pos = torch.full((1, 1), CTX // 2 + i, device=dev, dtype=torch.long)
-                return fwd(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True,
+                return fwd(input_ids=tok, position_ids=pos, **cache_arg(cache), use_cache=True,
                            logits_to_keep=1)
 
             for i in range(8):

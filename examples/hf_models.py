@@ -1,8 +1,8 @@
 """Tiny HF transformers decoder models with random weights, and a greedy decode loop.
 
 The fusions are only worth what they do on model code nobody wrote for them, so these
-are the real ``transformers`` modeling files (5.23), built from a config with random,
-seeded weights: no download, no tokenizer.
+are the real ``transformers`` modeling files (tested with 5.23 and 5.24), built from a
+config with random, seeded weights: no download, no tokenizer.
 
 Families
 --------
@@ -20,13 +20,14 @@ with (2 layers, hidden 256, head_dim 32, vocab 512): it compiles with no graph b
 runs in well under a second per step on a 2-core CPU.
 
 The decode loop (``greedy_decode``) calls the model's forward the way
-``GenerationMixin.generate`` does for a ``StaticCache`` in transformers 5.23: one
+``GenerationMixin.generate`` does for a ``StaticCache`` in transformers 5.23-5.24: one
 prefill with the whole prompt, then one token per step, passing ``input_ids``,
-``position_ids`` (2-D), ``past_key_values``, ``use_cache=True`` and ``logits_to_keep=1``,
-plus the 4-D boolean attention mask that ``create_masks_for_generate`` builds outside
-the model (``prebuilt_mask=True``, the ``generate`` form) or no mask so the model builds
-it inside its graph (``prebuilt_mask=False``). 5.23 has no ``cache_position`` argument:
-the static cache keeps its own write position in ``cumulative_length``.
+``position_ids`` (2-D), the cache (``cache_arg``: ``cache=`` from 5.24, ``past_key_values=``
+before), ``use_cache=True`` and ``logits_to_keep=1``, plus the 4-D boolean attention mask
+that ``create_masks_for_generate`` builds outside the model (``prebuilt_mask=True``, the
+``generate`` form) or no mask so the model builds it inside its graph
+(``prebuilt_mask=False``). These versions have no ``cache_position`` argument: the static
+cache keeps its own write position in ``cumulative_length``.
 
 Example::
 
@@ -40,6 +41,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -197,9 +200,24 @@ def make_static_cache(
     device = next(model.parameters()).device
     warm = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
     with torch.no_grad():
-        model(input_ids=warm, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=warm, **cache_arg(cache), use_cache=True, logits_to_keep=1)
     cache.reset()
     return cache
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword a transformers forward takes its cache by: ``cache`` from 5.24, which
+    deprecates ``past_key_values`` (removed in 5.40), ``past_key_values`` before."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    params = inspect.signature(create_masks_for_generate).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(cache: Any) -> dict[str, Any]:
+    """``{cache_keyword(): cache}``: pass as ``model(..., **cache_arg(cache))``."""
+    return {cache_keyword(): cache}
 
 
 @dataclasses.dataclass
@@ -215,7 +233,7 @@ class DecodeResult:
     logits: list[torch.Tensor]
 
 
-def _generate_mask(model: Any, config: Any, past_key_values: Any, position_ids: torch.Tensor,
+def _generate_mask(model: Any, config: Any, cache: Any, position_ids: torch.Tensor,
                    seq_len: int, dtype: torch.dtype) -> Any:
     """The 4-D mask ``prepare_inputs_for_generation`` builds for a compileable cache
     (through the model's own ``create_masks_for_generate`` where it overrides it)."""
@@ -227,8 +245,8 @@ def _generate_mask(model: Any, config: Any, past_key_values: Any, position_ids: 
         config=config,
         inputs_embeds=torch.empty((batch_size, seq_len, 0), dtype=dtype, device=position_ids.device),
         attention_mask=None,
-        past_key_values=past_key_values,
         position_ids=position_ids,
+        **cache_arg(cache),
     )
     if isinstance(mask, dict):
         return {k: v.contiguous() if v is not None else None for k, v in mask.items()}
@@ -280,7 +298,7 @@ def greedy_decode(
             kwargs: dict[str, Any] = {
                 "input_ids": step_ids,
                 "position_ids": position_ids,
-                "past_key_values": cache,
+                **cache_arg(cache),
                 "use_cache": True,
                 "logits_to_keep": 1,
             }

@@ -464,18 +464,18 @@ def decode_step_run(model: torch.nn.Module, config: Any, fusions: Iterable[str] 
     Returns the compiled run (candidates + report) and the largest logit difference
     between the eager and the compiled decode step.
     """
-    from attnfuse.examples.hf_models import make_static_cache, prompt_ids
+    from attnfuse.examples.hf_models import cache_arg, make_static_cache, prompt_ids
 
     cache = make_static_cache(model, max_cache_len=MAX_CACHE_LEN)
     ids = prompt_ids(config, prompt_len=PROMPT_LEN)
     positions = torch.arange(PROMPT_LEN).unsqueeze(0)
     with torch.no_grad():
-        out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, position_ids=positions, **cache_arg(cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         step = {
             "input_ids": token,
             "position_ids": torch.tensor([[PROMPT_LEN]]),
-            "past_key_values": cache,
+            **cache_arg(cache),
             "use_cache": True,
             "logits_to_keep": 1,
         }

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -77,12 +78,17 @@ def node_location(node: fx.Node) -> tuple[str, str]:
     return location, module
 
 
+#: the Dynamo source of the compiled root: ``L['self']``, ``L['args'][0]`` (a decorated
+#: ``forward`` whose wrapper takes ``*args``), ``L['fn']``, ``G['model']``, ...
+_ROOT_SOURCE = re.compile(r"^[LG]\[[^\]]*\](?:\[[^\]]*\])*")
+_MODULES_ITEM = re.compile(r"\._modules\['([^']*)'\]")
+
+
 def _clean_module_path(path: str) -> str:
-    # Dynamo spells module paths as L['self'].model.layers[0].self_attn
-    for prefix in ("L['self'].", "L['self']", "L['fn']."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path.replace("._modules['", ".").replace("']", "")
+    """``L['self'].model.layers[0].self_attn`` -> ``model.layers[0].self_attn``: the path
+    from the compiled root, however Dynamo spells the root's source."""
+    path = _MODULES_ITEM.sub(r".\1", _ROOT_SOURCE.sub("", path, count=1))
+    return path.removeprefix(".")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 
 from attnfuse.examples.hf_models import (
     build_hf_model,
+    cache_arg,
     families,
     greedy_decode,
     make_static_cache,
@@ -180,7 +181,7 @@ def test_decode_step_sites_are_all_accounted_for(family):
     step = {
         "input_ids": prompt[:, :1],
         "position_ids": torch.tensor([[PROMPT_LEN]]),
-        "past_key_values": cache,
+        **cache_arg(cache),
         "use_cache": True,
         "logits_to_keep": 1,
     }

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from attnfuse.examples.hf_models import build_hf_model, greedy_decode, make_static_cache, prompt_ids
+from attnfuse.examples.hf_models import (
+    build_hf_model,
+    cache_arg,
+    greedy_decode,
+    make_static_cache,
+    prompt_ids,
+)
 from attnfuse.examples.serving_mla import MLAConfig, MLAForCausalLM, example_inputs
 from attnfuse.passes.testing import graph_diff
 
@@ -25,7 +31,7 @@ def _hf_decode_layer_diff(family: str):
     prompt = prompt_ids(config, prompt_len=PROMPT_LEN)
     greedy_decode(model, prompt, cache, steps=0)
     step = {"input_ids": prompt[:, :1], "position_ids": torch.tensor([[PROMPT_LEN]]),
-            "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+            **cache_arg(cache), "use_cache": True, "logits_to_keep": 1}
     with torch.no_grad():
         return graph_diff(model, **step, backend="eager")
 

@@ -3,6 +3,7 @@ manager, uuid and FX-cache behaviour, reports, explain, patch_model, graph diffs
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -85,6 +86,54 @@ def test_backend_counts_and_numerics(backend):
     # source locations come from node metadata: this file's model, by line
     assert all(s.location.startswith("silu_fusion.py:") for s in report.sites)
     assert {s.module for s in report.sites} == {""} or all(s.module for s in report.sites)
+
+
+def _passes_args(fn):
+    """A ``forward`` decorator whose wrapper takes ``*args``, as transformers' kwarg
+    deprecation does: Dynamo then names the root module ``L['args'][0]``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = SiluModel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class _DecoratedOuter(_Outer):
+    @_passes_args
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("cls", [_Outer, _DecoratedOuter], ids=["plain", "decorated"])
+def test_report_module_paths_start_at_the_compiled_module(cls):
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(4, 8)
+    with torch.no_grad(), attnfuse.collect_reports() as report:
+        torch.compile(model, backend="attnfuse_eager", options={"fusions": [SiluFusion()]})(x)
+    assert report.counts == {"silu_test": 2}
+    assert {s.module for s in report.sites} == {"inner"}
+    assert {m.module for m in report.near_misses} == {"inner"}
+
+
+@pytest.mark.parametrize("raw,clean", [
+    ("L['self'].model.layers[0].self_attn", "model.layers[0].self_attn"),
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
+    ("L['self']._modules['model']._modules['layers']", "model.layers"),
+    ("L['fn'].layers.1.attn", "layers.1.attn"),
+    ("G['model'].decoder", "decoder"),
+    ("L['self']", ""),
+])
+def test_module_path_spellings(raw, clean):
+    from attnfuse.passes.report import _clean_module_path
+    assert _clean_module_path(raw) == clean
 
 
 def test_eager_backend_matches_pytorch_eager_without_fusions():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from attnfuse.examples.hf_models import cache_arg
 from attnfuse.fusions.grouped_decode import GroupedDecodeFusion
 from attnfuse.passes.testing import graph_diff
 
@@ -336,12 +337,12 @@ def _hf_decode(config_cls, attn, fusions=(NAME,), **extra):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     cache = transformers.StaticCache(config=cfg, max_cache_len=16)
     with torch.no_grad():
-        model(torch.randint(0, 128, (2, 5)), past_key_values=cache, cache_position=torch.arange(5))
+        model(torch.randint(0, 128, (2, 5)), **cache_arg(cache), cache_position=torch.arange(5))
         token, pos = torch.randint(0, 128, (2, 1)), torch.tensor([5])
-        expected = model(token, past_key_values=copy.deepcopy(cache), cache_position=pos).logits
+        expected = model(token, **cache_arg(copy.deepcopy(cache)), cache_position=pos).logits
 
         def step(token, pos):
-            return model(token, past_key_values=cache, cache_position=pos).logits
+            return model(token, **cache_arg(cache), cache_position=pos).logits
 
         d = graph_diff(step, token, pos, fusions=list(fusions), backend="eager")
     return d, expected

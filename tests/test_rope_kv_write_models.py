@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnfuse.examples.hf_models import cache_arg
 from attnfuse.passes.testing import graph_diff
 
 FUSION = ["rope_kv_write"]
@@ -50,7 +51,7 @@ def _hf_decode(family: str):
 
 def _step(fn, cache, ids):
     with torch.no_grad():
-        out = fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = fn(input_ids=ids, **cache_arg(cache), use_cache=True, logits_to_keep=1)
     return out.logits
 
 
@@ -67,7 +68,7 @@ def _hf_check(family: str):
     cache.reset()
     _step(model, cache, prompt)
     with torch.no_grad():
-        d = graph_diff(model, input_ids=token, past_key_values=cache, use_cache=True,
+        d = graph_diff(model, input_ids=token, **cache_arg(cache), use_cache=True,
                        logits_to_keep=1, fusions=FUSION, backend="eager")
     torch.testing.assert_close(d.outputs.logits, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(_cache_state(cache), expected_cache, atol=1e-5, rtol=1e-5)
