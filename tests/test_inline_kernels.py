@@ -260,3 +260,115 @@ def test_early_compile_reads_the_call_as_literals():
     assert early_compile_call("other.triton('k', 'src')") is None
     assert early_compile_call("async_compile.triton('k', 'src', device_str='cuda', x=1)") is None
     assert early_compile_call("not python (") is None
+
+
+def _reinplaced_launches(gm: torch.fx.GraphModule) -> None:
+    """What Inductor's reinplacing does to launches whose written tensors nothing else
+    reads afterwards: users of a written value read the tensor itself, nothing is cloned."""
+    for node in gm.graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional):
+        for user in list(node.users):
+            user.replace_all_uses_with(node.kwargs["kwargs"][user.args[1]])
+            gm.graph.erase_node(user)
+        node.kwargs = {**node.kwargs, "tensors_to_clone": []}
+
+
+@pytest.mark.parametrize("kind", ["paged_seq_lens", "rope_paged"])
+def test_direct_decomposition_equals_inductors(kind, monkeypatch):
+    """Our reinplaced launches become the mutation nodes Inductor's traced decomposition
+    makes (same targets, arguments and metadata), and the graph computes the same."""
+    import copy
+
+    import torch._inductor.fx_passes.post_grad as post_grad
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+
+    from attnfuse.passes.inline_kernels import decompose_our_launches
+
+    if kind == "rope_paged":
+        args, _, _ = _case("paged_nhd", positions_table=True)
+        fn, tensors = _functional_rope(args)
+    else:
+        args = _decode_case(kind, torch.Generator().manual_seed(5))
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+        def fn(*ts):
+            full = list(args)
+            for i, t in zip(slots, ts):
+                full[i] = t
+            return GD(*full)
+
+        tensors = [args[i] for i in slots]
+    gm = _inline(fn, *tensors)
+    _reinplaced_launches(gm)
+    theirs = copy.deepcopy(gm)
+    n_launches = len(gm.graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional))
+    assert n_launches >= 1
+    monkeypatch.setenv("ATTNFUSE_DIRECT_DECOMPOSE", "0")  # the original pass only
+    post_grad.decompose_triton_kernel_wrapper_functional(theirs.graph)
+    assert decompose_our_launches(gm.graph) == n_launches
+    gm.graph.lint()
+
+    def described(g):
+        out = []
+        for n in g.nodes:
+            if n.target is triton_kernel_wrapper_mutation:
+                kw = {k: (v.name if isinstance(v, torch.fx.Node) else v) for k, v in n.kwargs["kwargs"].items()}
+                vals = n.meta["eager_input_vals"][1]
+                out.append((n.kwargs["kernel_idx"], n.kwargs["constant_args_idx"], n.kwargs["grid"], kw,
+                            sorted(n.meta["val"]), sorted(vals["kwargs"]), vals["grid"], vals["kernel_idx"]))
+            elif n.op == "call_function":
+                out.append(n.target)
+        return out
+
+    assert described(gm.graph) == described(theirs.graph)
+    assert triton_kernel_wrapper_functional not in _targets(gm)
+    gm.recompile()
+    theirs.recompile()
+    ours_in, theirs_in = [t.clone() for t in tensors], [t.clone() for t in tensors]
+    with kernel_on_cpu():
+        got, want = gm(*ours_in), theirs(*theirs_in)
+    for a, b in zip(list(got) + ours_in, list(want) + theirs_in):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_direct_decomposition_leaves_launches_with_clones_to_inductor():
+    from attnfuse.passes.inline_kernels import decompose_our_launches
+
+    args = _decode_case("paged_seq_lens", torch.Generator().manual_seed(6))
+    gm = _inline(lambda q, k, v, t, s: GD(q, k, v, t, s, None, 0.25, 0.0, -1, None, None, -1),
+                 *[args[i] for i in (0, 1, 2, 3, 4)])
+    # not reinplaced: every launch still clones what it writes, and has users
+    assert decompose_our_launches(gm.graph) == 0
+    assert triton_kernel_wrapper_functional in _targets(gm)
+
+
+def test_a_call_whose_inlining_raises_keeps_its_op_call(monkeypatch):
+    """Not strict: the nodes made for the failing call are erased and the call stays; the
+    graph still computes the op's result. Strict: the error propagates."""
+    from attnfuse.passes import inline_kernels as ik
+
+    args = _decode_case("paged_seq_lens", torch.Generator().manual_seed(7))
+    tensors = [args[i] for i in (0, 1, 2, 3, 4)]
+
+    def fn(q, k, v, t, s):
+        return GD(q, k, v, t, s, None, 0.25, 0.0, -1, None, None, -1)
+
+    real = ik._Emitter.launch
+    launched = []
+
+    def launch_then_fail(self, launch):
+        real(self, launch)
+        launched.append(launch)
+        if len(launched) == 2:  # after both launches of the split call are in the graph
+            raise RuntimeError("planted")
+
+    monkeypatch.setattr(ik._Emitter, "launch", launch_then_fail)
+    gm = make_fx(fn, tracing_mode="fake")(*tensors)
+    before = [n.target for n in gm.graph.nodes]
+    assert ik.inline_kernels(gm.graph, devices=("cuda", "cpu"), strict=False) == {"raised RuntimeError": 1}
+    gm.graph.lint()
+    assert [n.target for n in gm.graph.nodes] == before
+    gm.recompile()
+    torch.testing.assert_close(gm(*tensors)[0], gd.reference(*args)[0], **TOL)
+    launched.clear()
+    with pytest.raises(RuntimeError, match="planted"):
+        ik.inline_kernels(gm.graph, devices=("cuda", "cpu"))

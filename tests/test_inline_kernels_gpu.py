@@ -58,10 +58,15 @@ def _inputs(dtype, seed=0):
 
 
 @pytest.mark.parametrize("inline", [True, False])
-def test_compiled_layer_launches_kernels_and_writes_caches_in_place(inline):
+def test_compiled_layer_launches_kernels_and_writes_caches_in_place(inline, monkeypatch):
     from torch._inductor.utils import run_and_get_code
 
     import attnfuse
+    from attnfuse.passes import inline_kernels as ik
+
+    decomposed = []
+    real_decompose = ik.decompose_our_launches
+    monkeypatch.setattr(ik, "decompose_our_launches", lambda g: decomposed.append(real_decompose(g)))
 
     args = _inputs(torch.bfloat16)
     want_args = [a.clone() for a in args]
@@ -80,6 +85,8 @@ def test_compiled_layer_launches_kernels_and_writes_caches_in_place(inline):
         assert "torch.ops.attnfuse" not in code
         for kernel in ("_rope_write_kv_kernel", "_grouped_decode_stage1"):
             assert kernel in code, kernel
+        # every launch (rope; decode stage 1, and stage 2 when split) decomposed directly
+        assert sum(decomposed) >= 2, decomposed
     else:
         assert "torch.ops.attnfuse.rope_write_kv" in code
     # the caches are the graph's inputs, written by the kernel: never cloned or copied back
