@@ -94,6 +94,9 @@ def main() -> None:
         "grouped_decode op": lambda: torch.ops.attnfuse.grouped_decode(*args),
         "grouped_decode op [slow launch]": lambda: torch.ops.attnfuse.grouped_decode(*args),
         "grouped_decode validate only": lambda: gd.validate(*args),
+        # the op's body without its remembered launches: validation and planning every call
+        "grouped_decode op body, planned every call": lambda: (gd.validate(*args), gd._kernel(*args)),
+        "rope_write_kv op body, planned every call": lambda: (rw.validate(*rope_args[:-1]), rw._kernel(*rope_args)),
         "grouped_decode launcher": lambda: grouped_decode_kernel(q, kc, vc, mask=mask, scale=D ** -0.5),
         "grouped_decode launcher [slow launch]": lambda: grouped_decode_kernel(
             q, kc, vc, mask=mask, scale=D ** -0.5),

@@ -63,6 +63,8 @@ from ._dispatch import (  # noqa: F401
     use_kernel,
 )
 
+from .kernels._launch import Allocations, CallPlan, PlanCache, tensor_signature
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CACHE_DTYPES = FLOAT_DTYPES + FP8_DTYPES
 
@@ -244,14 +246,55 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
 
 
 def _kernel(q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
-            k_scale, v_scale, v_head_dim):
-    from .kernels.grouped_decode import grouped_decode_kernel
+            k_scale, v_scale, v_head_dim, remember=None):
+    """The Triton path; with ``remember`` (a call signature, ``_signature``) the call's
+    launches are also kept in ``_PLANS`` under it for later calls of that signature."""
+    from .kernels.grouped_decode import grouped_decode_kernel, plan_grouped_decode
 
-    out, lse, _ = grouped_decode_kernel(
-        q, k_cache, v_cache, block_table=block_table, seq_lens=seq_lens, mask=mask,
-        scale=scale, softcap=softcap, window=window, k_scale=k_scale, v_scale=v_scale,
-        v_head_dim=_v_head_dim(k_cache, v_cache, v_head_dim))
+    dv = _v_head_dim(k_cache, v_cache, v_head_dim)
+    if remember is None or any(t is not None and t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
+        # (a feature dim that is not contiguous is copied first: nothing to remember)
+        out, lse, _ = grouped_decode_kernel(
+            q, k_cache, v_cache, block_table=block_table, seq_lens=seq_lens, mask=mask,
+            scale=scale, softcap=softcap, window=window, k_scale=k_scale, v_scale=v_scale,
+            v_head_dim=dv)
+        return out, lse
+    inputs = _call_inputs(q, k_cache, v_cache, block_table, seq_lens, mask, k_scale, v_scale)
+    buffers = Allocations(q.device)
+    out, lse, _, launches = plan_grouped_decode(
+        q, k_cache, v_cache, block_table=block_table, seq_lens=seq_lens, mask=inputs[5],
+        mask_is_bool=mask is not None and mask.dtype == torch.bool, scale=scale, softcap=softcap,
+        window=window, k_scale=k_scale, v_scale=v_scale, v_head_dim=dv, empty=buffers)
+    for launch in launches:
+        launch()
+    plan = CallPlan.of(launches, inputs, buffers, (out, lse))
+    if plan is not None:
+        _PLANS.remember(remember, plan)
     return out, lse
+
+
+# ------------------------------------------------------------------ planned calls
+# Decode calls the op with the same shapes, strides and dtypes step after step. The first
+# call of each signature is validated and planned; its launches and buffers are remembered
+# (``CallPlan``) and later calls only allocate the buffers and launch. Validation and
+# planning read nothing but the signature (shapes, strides, dtypes, devices) and the
+# scalar arguments, all of which are in the key, so a remembered call would have passed
+# validation and planned the same launches.
+_PLANS = PlanCache()
+
+
+def _signature(q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
+               k_scale, v_scale, v_head_dim) -> tuple:
+    return (scale, softcap, window, v_head_dim,
+            *map(tensor_signature, (q, k_cache, v_cache, block_table, seq_lens, mask, k_scale,
+                                    v_scale)))
+
+
+def _call_inputs(q, k_cache, v_cache, block_table, seq_lens, mask, k_scale, v_scale) -> tuple:
+    """The tensors a call's launches read, in plan order (a bool mask as its uint8 view)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return (q, k_cache, v_cache, block_table, seq_lens, mask, k_scale, v_scale)
 
 
 # ------------------------------------------------------------------ the op
@@ -263,11 +306,17 @@ def _grouped_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
             k_scale, v_scale, v_head_dim)
-    validate(*args)
+    if use_kernel(q.device):  # choose_backend's "triton"
+        key = _signature(*args)
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return plan.run(_call_inputs(q, k_cache, v_cache, block_table, seq_lens, mask,
+                                         k_scale, v_scale), q.device)
+    validate(*args)  # raises for bad input; only calls that pass are remembered
     backend = choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap,
                              window, k_scale, v_scale)
     if backend == "triton":
-        return _kernel(*args)
+        return _kernel(*args, remember=_signature(*args))
     return _reference(*args)
 
 

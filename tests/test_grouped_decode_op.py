@@ -150,3 +150,95 @@ def test_bad_input_raises_value_error_naming_the_argument(change, arg):
     a = change(base)
     with pytest.raises(ValueError, match=rf"^{arg}: expected"):
         OP(*a.values())
+
+
+# ------------------------------------------------------------------ remembered calls
+def _fresh_call(kind: str, seed: int):
+    """One op call's arguments (fresh random data) of the given form."""
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, cap, d = 2, 8, 2, 80, 16
+    q = torch.randn(b, hq, d, generator=g)
+    if kind == "paged":
+        kp, vp = torch.randn(20, 16, hkv, d, generator=g), torch.randn(20, 16, hkv, d, generator=g)
+        table = torch.randperm(20, generator=g)[:16].view(b, 8).int()  # capacity 128
+        lens = torch.randint(1, 129, (b,), generator=g, dtype=torch.int32)
+        return (q, kp, vp, table, lens, None, 0.3, 0.0, -1, None, None, -1)
+    k, v = torch.randn(b, hkv, cap, d, generator=g), torch.randn(b, hkv, cap, d, generator=g)
+    if kind == "bool_mask":
+        return (q, k, v, None, None, torch.rand(b, cap, generator=g) > 0.3, 0.3, 0.0, -1,
+                None, None, -1)
+    # MLA: V is the leading 12 features of the shared latent row
+    return (q, k[:, :1].contiguous(), None, None, None, None, 0.3, 0.0, -1, None, None, 12)
+
+
+@pytest.mark.parametrize("kind", ["paged", "bool_mask", "mla"])
+def test_remembered_call_uses_each_calls_tensors(kind):
+    """The second call of a signature takes the remembered launches: it must read that
+    call's tensors (fresh data) and return fresh outputs, not the first call's."""
+    from attnfuse.custom_ops import grouped_decode as gd
+
+    gd._PLANS.clear()
+    results = []
+    for seed in (1, 2):
+        args = _fresh_call(kind, seed)
+        with kernel_on_cpu():
+            out, lse = OP(*args)
+        want_out, want_lse = reference(*args)
+        torch.testing.assert_close(out, want_out, **F32_TOL)
+        torch.testing.assert_close(lse, want_lse, **F32_TOL)
+        results.append(out)
+        assert len(gd._PLANS) == 1 and gd._signature(*args) in gd._PLANS
+    assert results[0].data_ptr() != results[1].data_ptr()
+    plan = next(iter(gd._PLANS.values()))
+    assert plan is not None and len(plan.launches) >= 1
+
+
+def test_remembered_call_with_splits_allocates_its_scratch():
+    """A split call's plan repeats its scratch buffers and both launches."""
+    from attnfuse.custom_ops import grouped_decode as gd
+    from attnfuse.custom_ops.kernels.grouped_decode import decode_settings
+
+    args = _fresh_call("paged", 3)
+    cfg = decode_settings(batch=2, num_kv_heads=2, group_size=4, head_dim_k=16, capacity=128,
+                          device=torch.device("cpu"))
+    assert cfg.num_kv_splits > 1  # the interpreter's SM count makes this call split
+    gd._PLANS.clear()
+    with kernel_on_cpu():
+        OP(*args)
+        plan = gd._PLANS[gd._signature(*args)]
+        assert len(plan.launches) == 2 and len(plan.allocations) >= 4  # out, lse, partials
+        args2 = _fresh_call("paged", 4)
+        out, lse = OP(*args2)
+    torch.testing.assert_close(out, reference(*args2)[0], **F32_TOL)
+    torch.testing.assert_close(lse, reference(*args2)[1], **F32_TOL)
+
+
+def test_signature_tells_strides_and_scalars_apart():
+    from attnfuse.custom_ops import grouped_decode as gd
+
+    gd._PLANS.clear()
+    args = list(_fresh_call("bool_mask", 5))
+    with kernel_on_cpu():
+        OP(*args)
+        args[6] = 0.5  # another scale: planned anew (the scale is a kernel argument)
+        assert gd._signature(*args) not in gd._PLANS
+        out, _ = OP(*args)
+        torch.testing.assert_close(out, reference(*args)[0], **F32_TOL)
+        k = args[1]
+        args[1] = k.transpose(0, 1).contiguous().transpose(0, 1)  # same shape, other strides
+        assert gd._signature(*args) not in gd._PLANS
+        out, _ = OP(*args)
+    torch.testing.assert_close(out, reference(*args)[0], **F32_TOL)
+    assert len(gd._PLANS) == 3
+
+
+def test_bad_input_is_never_remembered():
+    from attnfuse.custom_ops import grouped_decode as gd
+
+    gd._PLANS.clear()
+    args = list(_fresh_call("paged", 6))
+    args[6] = -1.0
+    for _ in range(2):
+        with kernel_on_cpu(), pytest.raises(ValueError, match="scale"):
+            OP(*args)
+    assert not gd._PLANS

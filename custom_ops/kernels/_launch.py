@@ -28,6 +28,7 @@ path off (benchmarks compare both).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,3 +191,49 @@ class LaunchPlan:
             args[pos] = tensors[idx]
         self.launcher(self.grid, tuple(args), self.constexprs, num_warps=self.num_warps,
                       num_stages=self.num_stages)
+
+
+class Allocations:
+    """The ``empty(shape, dtype)`` a planning function allocates its buffers through,
+    recording each allocation so that ``CallPlan`` can repeat them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        self.specs.append((tuple(shape), dtype))
+        self.tensors.append(t)
+        return t
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Every launch of one op call, its buffers and its results, to be repeated for a later
+    call with the same signature: ``run(inputs)`` allocates the buffers (in the order the
+    first call did), launches each ``LaunchPlan`` over ``(*inputs, *buffers)`` and returns
+    the tensors at ``results``."""
+
+    launches: tuple[LaunchPlan, ...]
+    allocations: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    results: tuple[int, ...]
+
+    @staticmethod
+    def of(launches: Sequence[KernelLaunch], inputs: tuple, buffers: Allocations,
+           results: tuple) -> CallPlan | None:
+        """The plan of a call that launched ``launches`` over ``inputs`` and the tensors
+        ``buffers`` allocated; None when a launch or a result uses any other tensor."""
+        tensors = (*inputs, *buffers.tensors)
+        plans = [LaunchPlan.of(launch, tensors) for launch in launches]
+        found = [next((i for i, t in enumerate(tensors) if t is r), None) for r in results]
+        if any(p is None for p in plans) or None in found:
+            return None
+        return CallPlan(tuple(plans), tuple(buffers.specs), tuple(found))
+
+    def run(self, inputs: tuple, device: torch.device) -> tuple:
+        tensors = (*inputs, *(torch.empty(s, dtype=d, device=device) for s, d in self.allocations))
+        for plan in self.launches:
+            plan.launch(tensors)
+        return tuple(tensors[i] for i in self.results)
