@@ -17,6 +17,7 @@ synchronization inside the timed loop (GPU work queues up asynchronously):
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ from common import host_us, write_results  # noqa: E402
 
 CTX = 4096
 CALLS = 200
+PASSES = 3
+#: compiled decode steps: blocks of STEPS_PER_BLOCK steps, the median block counts
+BLOCKS, STEPS_PER_BLOCK = 7, 20
 HQ, HKV, D = 32, 8, 128
 
 
@@ -109,15 +113,21 @@ def main() -> None:
         "baseline: one add": lambda: x.add(1),
     }
     _add_probe_cases(cases, args, rope_args)
-    for name, fn in cases.items():
-        os.environ["ATTNFUSE_FAST_LAUNCH"] = "0" if name.endswith("[slow launch]") else "1"
-        try:
-            us = host_us(fn, CALLS)
-        except Exception as exc:
-            print(f"{name}: FAILED {type(exc).__name__}: {exc}")
-            continue
-        rows.append(dict(call=name, host_us=us))
-        print(f"{name:45s} {us:8.1f} us host", flush=True)
+    # the host drifts (rows measured first read up to 2x higher on H100 hosts): PASSES
+    # passes over all cases, order reversed every other pass; the fastest pass counts
+    best: dict[str, float] = {}
+    for p in range(PASSES):
+        for name in (list(cases) if p % 2 == 0 else list(reversed(cases))):
+            os.environ["ATTNFUSE_FAST_LAUNCH"] = "0" if name.endswith("[slow launch]") else "1"
+            try:
+                us = host_us(cases[name], CALLS)
+            except Exception as exc:
+                print(f"{name}: FAILED {type(exc).__name__}: {exc}")
+                continue
+            best[name] = min(us, best.get(name, float("inf")))
+            print(f"pass {p} {name:45s} {us:8.1f} us host", flush=True)
+    os.environ["ATTNFUSE_FAST_LAUNCH"] = "1"
+    rows += [dict(call=name, host_us=us) for name, us in best.items()]
 
     from hf_models import build_from_config, cache_arg, make_static_cache, tiny_config
 
@@ -138,6 +148,13 @@ def main() -> None:
     }
     prof = None
     with torch.no_grad():
+        # an untimed compile first: the first compile of a process starts Inductor's
+        # worker pool, whose start-up competes with the timed steps that follow it
+        torch._dynamo.reset()
+        warm = torch.compile(model.forward)
+        warm(input_ids=tok, position_ids=torch.full((1, 1), CTX // 2, device=dev, dtype=torch.long),
+             **cache_arg(cache), use_cache=True, logits_to_keep=1)
+        time.sleep(5)
         for name, make in variants.items():
             torch._dynamo.reset()  # else the frame compiled for the previous variant is reused
             fwd = make()
@@ -150,12 +167,15 @@ def main() -> None:
             for i in range(8):
                 step(i)
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(20):
-                step(8 + i)
-            host_ms = (time.perf_counter() - t0) * 1e3 / 20
-            torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - t0) * 1e3 / 20
+            issue, wall = [], []
+            for b in range(BLOCKS):
+                t0 = time.perf_counter()
+                for i in range(STEPS_PER_BLOCK):
+                    step(8 + i)
+                issue.append((time.perf_counter() - t0) * 1e3 / STEPS_PER_BLOCK)
+                torch.cuda.synchronize()
+                wall.append((time.perf_counter() - t0) * 1e3 / STEPS_PER_BLOCK)
+            host_ms, wall_ms = statistics.median(issue), statistics.median(wall)
             print(f"{name} 2-layer decode step: host {host_ms:.2f} ms issue, {wall_ms:.2f} ms wall", flush=True)
             rows.append(dict(call=f"compiled 2-layer HF decode step, {name} (issue time)", host_us=host_ms * 1e3))
             rows.append(dict(call=f"compiled 2-layer HF decode step, {name} (wall)", host_us=wall_ms * 1e3))
@@ -167,8 +187,11 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     write_results("host_overhead", rows, ["call", "host_us"],
                   title="Host time per call (no CUDA graphs)",
-                  notes=f"Median of {CALLS} calls, no synchronization inside the loop; decode shapes "
-                        f"B=1, {HQ} q / {HKV} kv heads, head_dim {D}, bf16, static cache {CTX}.")
+                  notes=f"Ops: median of {CALLS} calls, no synchronization inside the loop, the "
+                        f"fastest of {PASSES} passes (order alternating); decode shapes "
+                        f"B=1, {HQ} q / {HKV} kv heads, head_dim {D}, bf16, static cache {CTX}. "
+                        f"Compiled steps: median of {BLOCKS} blocks of {STEPS_PER_BLOCK} steps, "
+                        "after an untimed compile.")
 
 
 if __name__ == "__main__":
