@@ -41,7 +41,10 @@ missing or does not support the shapes, and on CPU, both forms run in plain torc
 
 The GPU back ends read ``cu_seqlens`` on the host (flashinfer's ``plan``), so a call
 synchronises once and is not CUDA-graph capturable; prefill runs outside graphs in
-serving engines.
+serving engines. The op carries ``torch.Tag.cudagraph_unsafe``: under
+``mode="reduce-overhead"`` Inductor runs it outside the CUDA graph (graph partitions) or
+skips CUDA graphs for that graph, and a call made while a stream is capturing raises a
+``RuntimeError`` saying so instead of failing inside CUDA.
 
 Parameters (all tensors on one device; ``T`` query tokens, ``H`` heads)
 ----------
@@ -608,11 +611,20 @@ def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_se
     return lambda: mla_prefill_absorbed_dense_torch(*args, cu_host, scale, causal)
 
 
+def _stream_capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_pe: torch.Tensor,
                 w_uk: torch.Tensor, w_uv: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, scale: float, causal: bool = True,
                 topk_indices: Optional[torch.Tensor] = None, topk_covers_visible: bool = False,
                 path: str = "auto") -> torch.Tensor:
+    if _stream_capturing(q_nope):
+        raise RuntimeError(
+            "attnfuse::mla_prefill cannot run inside a CUDA-graph capture: it reads cu_seqlens "
+            "on the host to plan its kernels. Run prefill outside the graph (the op is tagged "
+            "cudagraph_unsafe, so torch.compile's reduce-overhead mode does this itself).")
     validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal,
              topk_indices, topk_covers_visible, path)
     chosen = mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen,
@@ -622,7 +634,10 @@ def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_
     return out.to(q_nope.dtype).contiguous()
 
 
-mla_prefill = torch.library.custom_op("attnfuse::mla_prefill", _mla_prefill, mutates_args=())
+#: Inductor keeps ops with this tag out of CUDA graphs (absent in torch without it)
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+mla_prefill = torch.library.custom_op("attnfuse::mla_prefill", _mla_prefill, mutates_args=(),
+                                      tags=_CUDAGRAPH_UNSAFE)
 
 
 @mla_prefill.register_fake

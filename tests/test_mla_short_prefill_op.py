@@ -206,3 +206,27 @@ def test_bad_path_raises_value_error():
         call(sparse, "mha", covers=False)
     with pytest.raises(ValueError, match="needs max_seqlen <= K = 2"):
         call(sparse, "mha", covers=True)
+
+
+def test_op_is_kept_out_of_cuda_graphs():
+    """The op reads cu_seqlens on the host: Inductor must see it as CUDA-graph unsafe
+    (reduce-overhead then runs it outside the graph), and a call during a capture says why
+    it cannot run instead of failing inside CUDA."""
+    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
+
+    from attnfuse.custom_ops import grouped_decode, rope_write_kv  # noqa: F401  (registers them)
+
+    op = torch.ops.attnfuse.mla_prefill.default
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    graph = torch.fx.Graph()
+    node = graph.call_function(op, tuple(graph.placeholder(f"a{i}") for i in range(9)))
+    assert is_cudagraph_unsafe_fx_node(node)
+    # the other ops are capturable and must stay that way
+    for other in (torch.ops.attnfuse.grouped_decode.default, torch.ops.attnfuse.rope_write_kv.default):
+        assert torch.Tag.cudagraph_unsafe not in other.tags
+
+
+def test_call_during_a_capture_raises(monkeypatch):
+    monkeypatch.setattr(mp, "_stream_capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match="cannot run inside a CUDA-graph capture"):
+        call(make([3, 2]))
