@@ -412,17 +412,41 @@ class FlashinferWrappers:
     call measured on H100), so calls reuse them, as serving engines do. A wrapper is only
     re-planned on the stream that owns it, after the op's host read of ``cu_seqlens``
     has synchronised that stream, so a plan never overwrites buffers a pending run reads.
+
+    flashinfer plans once per batch layout and then runs any number of times with that
+    plan (serving engines plan once per forward for all layers). ``planned`` does the same
+    for consecutive calls: the layers of one prefill pass the same layout, and only the
+    first of them plans. The key holds every argument of the plan (the layout's offsets
+    included), so a wrapper runs with a kept plan only if planning again would make the
+    same one.
     """
 
     def __init__(self) -> None:
         self._wrappers: dict[tuple, Any] = {}
+        self._plan_keys: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _slot_key(kind: str, device: torch.device, slot: int) -> tuple:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        return (kind, device.type, device.index, stream, slot)
 
     def get(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any]) -> Any:
-        stream = torch.cuda.current_stream(device).cuda_stream
-        key = (kind, device.index, stream, slot)
+        key = self._slot_key(kind, device, slot)
         if key not in self._wrappers:
             self._wrappers[key] = build()
         return self._wrappers[key]
+
+    def planned(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any],
+                plan_key: tuple, plan: Callable[[Any], None]) -> Any:
+        """The wrapper of ``(kind, device, stream, slot)``, planned for ``plan_key``:
+        ``plan(wrapper)`` runs unless its last plan had the same key."""
+        key = self._slot_key(kind, device, slot)
+        wrapper = self.get(kind, device, slot, build)
+        if self._plan_keys.get(key) != plan_key:
+            self._plan_keys.pop(key, None)  # a plan that raises leaves no key behind
+            plan(wrapper)
+            self._plan_keys[key] = plan_key
+        return wrapper
 
 
 WRAPPERS = FlashinferWrappers()
@@ -460,11 +484,13 @@ def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, cu_host, ma
     if major == 10 and hasattr(fi, "prefill") and (qk_dim, vo_dim) in TRTLLM_RAGGED_HEAD_DIMS:
         return lambda: _mha_trtllm_blackwell(fi, *inputs(), cu_seqlens, max_seqlen, scale, causal)
     backend = "fa3" if major == 9 and _fa3_head_dims_ok(qk_dim, vo_dim) else "auto"
-    wrapper = WRAPPERS.get(f"ragged-{backend}", dev, slot, lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(
-        _workspace(dev), "NHD", backend=backend))
     indptr = cu_host.to(torch.int32)
-    wrapper.plan(indptr, indptr, H, H, qk_dim, head_dim_vo=vo_dim, causal=causal, sm_scale=scale,
-                 q_data_type=q_nope.dtype, kv_data_type=ckv.dtype)
+    plan_key = (tuple(indptr.tolist()), H, qk_dim, vo_dim, causal, scale, q_nope.dtype, ckv.dtype)
+    wrapper = WRAPPERS.planned(
+        f"ragged-{backend}", dev, slot,
+        lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(_workspace(dev), "NHD", backend=backend),
+        plan_key, lambda w: w.plan(indptr, indptr, H, H, qk_dim, head_dim_vo=vo_dim, causal=causal,
+                                   sm_scale=scale, q_data_type=q_nope.dtype, kv_data_type=ckv.dtype))
     return lambda: wrapper.run(*inputs())
 
 
@@ -524,16 +550,20 @@ def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_host, sca
                          f"does not fit one flashinfer MLA plan at {H} heads")
     plans = []
     for slot, pieces in enumerate(groups):
-        wrapper = WRAPPERS.get("mla", dev, slot, lambda: BatchMLAPagedAttentionWrapper(_workspace(dev)))
-        q_lens = torch.tensor([0] + [b - a for a, b, _, _ in pieces], dtype=torch.int32).cumsum(0)
-        kv_lens = torch.tensor([e - s for _, _, s, e in pieces], dtype=torch.int32)
-        kv_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), kv_lens.cumsum(0)]).to(torch.int32)
-        kv_indices = torch.cat([torch.arange(s, e, dtype=torch.int32) for _, _, s, e in pieces])
-        wrapper.plan(metadata=MLAPlanMetadata.csr(q_lens.to(torch.int32).to(dev), kv_indptr.to(dev),
-                                                  kv_indices.to(dev), kv_lens.to(dev)),
-                     num_heads=H, head_dim_ckv=R, head_dim_kpe=k_pe.shape[1], page_size=1,
-                     causal=causal, sm_scale=scale, q_data_type=q_nope.dtype,
-                     kv_data_type=ckv.dtype, query_layout="split", kv_cache_layout="split")
+        def plan(wrapper, pieces=pieces):
+            q_lens = torch.tensor([0] + [b - a for a, b, _, _ in pieces], dtype=torch.int32).cumsum(0)
+            kv_lens = torch.tensor([e - s for _, _, s, e in pieces], dtype=torch.int32)
+            kv_indptr = torch.cat([torch.zeros(1, dtype=torch.int32), kv_lens.cumsum(0)]).to(torch.int32)
+            kv_indices = torch.cat([torch.arange(s, e, dtype=torch.int32) for _, _, s, e in pieces])
+            wrapper.plan(metadata=MLAPlanMetadata.csr(q_lens.to(torch.int32).to(dev), kv_indptr.to(dev),
+                                                      kv_indices.to(dev), kv_lens.to(dev)),
+                         num_heads=H, head_dim_ckv=R, head_dim_kpe=k_pe.shape[1], page_size=1,
+                         causal=causal, sm_scale=scale, q_data_type=q_nope.dtype,
+                         kv_data_type=ckv.dtype, query_layout="split", kv_cache_layout="split")
+
+        plan_key = (tuple(pieces), H, R, k_pe.shape[1], causal, scale, q_nope.dtype, ckv.dtype)
+        wrapper = WRAPPERS.planned("mla", dev, slot, lambda: BatchMLAPagedAttentionWrapper(_workspace(dev)),
+                                   plan_key, plan)
         plans.append((pieces[0][0], pieces[-1][1], wrapper))
 
     def run():

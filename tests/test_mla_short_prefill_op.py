@@ -230,3 +230,135 @@ def test_call_during_a_capture_raises(monkeypatch):
     monkeypatch.setattr(mp, "_stream_capturing", lambda t: True)
     with pytest.raises(RuntimeError, match="cannot run inside a CUDA-graph capture"):
         call(make([3, 2]))
+
+
+def test_flashinfer_wrappers_plan_once_per_layout():
+    """Consecutive calls with the same plan arguments (the layers of one prefill) plan once;
+    another layout, another slot or a plan that raised plans again."""
+    wrappers = mp.FlashinferWrappers()
+    built, planned = [], []
+
+    def build():
+        built.append(object())
+        return built[-1]
+
+    def plan(key):
+        def run(wrapper):
+            if key == "bad":
+                raise RuntimeError("plan failed")
+            planned.append((wrapper, key))
+        return run
+
+    cpu = torch.device("cpu")
+    w = [wrappers.planned("ragged", cpu, 0, build, (k,), plan(k)) for k in ("a", "a", "a")]
+    assert w[0] is w[1] is w[2] and len(built) == 1 and planned == [(w[0], "a")]
+    wrappers.planned("ragged", cpu, 0, build, ("b",), plan("b"))
+    wrappers.planned("ragged", cpu, 0, build, ("a",), plan("a"))  # b came between: plan again
+    assert [k for _, k in planned] == ["a", "b", "a"]
+    other = wrappers.planned("ragged", cpu, 1, build, ("a",), plan("a"))  # its own slot
+    assert other is not w[0] and [k for _, k in planned] == ["a", "b", "a", "a"]
+    with pytest.raises(RuntimeError, match="plan failed"):
+        wrappers.planned("ragged", cpu, 0, build, ("bad",), plan("bad"))
+    wrappers.planned("ragged", cpu, 0, build, ("a",), plan("a"))
+    assert [k for _, k in planned][-1] == "a" and len(planned) == 5
+
+
+class _FakeRaggedWrapper:
+    """Stands in for flashinfer's ragged prefill wrapper on CPU: ``run`` attends with the
+    layout of the last ``plan`` (so a kept plan of another layout gives wrong results)."""
+
+    plans: list = []
+
+    def __init__(self, workspace, layout, backend="auto"):
+        self.indptr = None
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, *, head_dim_vo,
+             causal, sm_scale, q_data_type, kv_data_type):
+        assert torch.equal(qo_indptr, kv_indptr)
+        self.indptr, self.causal, self.scale = qo_indptr.tolist(), causal, sm_scale
+        _FakeRaggedWrapper.plans.append(tuple(self.indptr))
+
+    def run(self, q, k, v):
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        for a, b in zip(self.indptr[:-1], self.indptr[1:]):
+            s = torch.einsum("qhd,khd->hqk", q[a:b].float(), k[a:b].float()) * self.scale
+            if self.causal:
+                s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+            out[a:b] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[a:b].float()).to(q.dtype)
+        return out
+
+
+def test_mha_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
+    """The MHA form's flashinfer plan is made by the first call of a layout and kept for
+    the next calls with that layout (each with its own data); a new layout plans again."""
+    import types
+
+    fake = types.SimpleNamespace(BatchPrefillWithRaggedKVCacheWrapper=_FakeRaggedWrapper)
+    monkeypatch.setattr(mp, "_flashinfer", lambda: fake)
+    monkeypatch.setattr(mp, "WRAPPERS", mp.FlashinferWrappers())
+    monkeypatch.setattr(mp, "_workspace", lambda dev, zeroed=False: torch.empty(0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    monkeypatch.setattr(_FakeRaggedWrapper, "plans", [])
+
+    def mha(inp):
+        cu = inp["cu_seqlens"]
+        run = mp.prepare_mha_gpu(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"],
+                                 inp["w_uv"], cu, cu, inp["max_seqlen"], inp["scale"], True)
+        return run().float()
+
+    for seed, lens in ((1, [5, 1, 9]), (2, [5, 1, 9]), (3, [5, 1, 9]), (4, [7, 8])):
+        inp = make(lens, seed=seed)
+        torch.testing.assert_close(mha(inp), reference(inp), atol=2e-5, rtol=2e-5)
+    assert _FakeRaggedWrapper.plans == [(0, 5, 6, 15), (0, 7, 15)]
+
+
+class _FakeMLAWrapper:
+    """Stands in for flashinfer's MLA wrapper on CPU: attends with the last plan's CSR
+    metadata (query offsets, the latent rows each request reads), causal as flashinfer
+    aligns it (the last query of a request sees every key of it)."""
+
+    plans: list = []
+
+    def __init__(self, workspace):
+        self.meta = None
+
+    def plan(self, *, metadata, num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale,
+             q_data_type, kv_data_type, query_layout, kv_cache_layout):
+        self.meta, self.causal, self.scale = metadata, causal, sm_scale
+        _FakeMLAWrapper.plans.append(tuple(metadata[0].tolist()))
+
+    def run(self, *, query, kv_cache):
+        q_indptr, kv_indptr, kv_indices, _ = self.meta
+        q = torch.cat(query, dim=-1).float()
+        kv = torch.cat([kv_cache[0][:, 0], kv_cache[1][:, 0]], dim=-1).float()
+        out = q.new_zeros(q.shape[0], q.shape[1], kv_cache[0].shape[-1])
+        for i in range(len(q_indptr) - 1):
+            qa, qb = int(q_indptr[i]), int(q_indptr[i + 1])
+            rows = kv_indices[int(kv_indptr[i]):int(kv_indptr[i + 1])]
+            s = torch.einsum("qhd,kd->hqk", q[qa:qb], kv[rows]) * self.scale
+            if self.causal:
+                offset = len(rows) - (qb - qa)
+                visible = torch.arange(len(rows))[None] <= (torch.arange(qb - qa)[:, None] + offset)
+                s = s.masked_fill(~visible, float("-inf"))
+            out[qa:qb] = torch.einsum("hqk,kr->qhr", s.softmax(-1), kv[rows, :kv_cache[0].shape[-1]])
+        return out.to(query[0].dtype)
+
+
+def test_absorbed_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
+    import flashinfer.mla
+
+    monkeypatch.setattr(flashinfer.mla, "BatchMLAPagedAttentionWrapper", _FakeMLAWrapper)
+    monkeypatch.setattr(flashinfer.mla.MLAPlanMetadata, "csr", staticmethod(lambda *t: t), raising=False)
+    monkeypatch.setattr(mp, "WRAPPERS", mp.FlashinferWrappers())
+    monkeypatch.setattr(mp, "_workspace", lambda dev, zeroed=False: torch.empty(0))
+    monkeypatch.setattr(_FakeMLAWrapper, "plans", [])
+
+    def absorbed(inp):
+        run = mp.prepare_absorbed_dense_gpu(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"],
+                                            inp["w_uk"], inp["w_uv"], inp["cu_seqlens"], inp["scale"], True)
+        return run().float()
+
+    for seed, lens in ((1, [5, 1, 9]), (2, [5, 1, 9]), (3, [7, 8])):
+        inp = make(lens, seed=seed)
+        torch.testing.assert_close(absorbed(inp), reference(inp), atol=2e-5, rtol=2e-5)
+    assert _FakeMLAWrapper.plans == [(0, 5, 6, 15), (0, 7, 15)]
