@@ -76,7 +76,7 @@ from ._dispatch import (  # noqa: F401
     register_direct_kernels,
     use_kernel,
 )
-from .kernels._launch import LaunchPlan, PlanCache, tensor_signature
+from .kernels._launch import Allocations, CallPlan, PlanCache, tensor_signature
 
 CACHE_LAYOUTS = ("static", "flat", "paged_nhd", "paged_hnd")
 ROPE_STYLES = ("neox", "interleaved")
@@ -315,19 +315,17 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
     given = (q, k, v, cos, sin)
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in given)
 
-    def empty(shape, dtype):
-        return torch.empty(shape, dtype=dtype, device=q.device)
-
+    buffers = Allocations(q.device)
     q_out, k_out, launch = plan_kernel(
         q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout, rotary_dim,
-        style, k_scale, v_scale, return_k, empty=empty, num_warps=num_warps)
-    if launch is not None:
-        launch()
+        style, k_scale, v_scale, return_k, empty=buffers, num_warps=num_warps)
+    launches = [] if launch is None else [launch]  # no tokens: nothing to launch
+    for one in launches:
+        one()
     if remember is not None and all(a is b for a, b in zip(given, (q, k, v, cos, sin))):
-        tensors = (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, k_scale, v_scale,
-                   q_out, k_out)
-        plan = None if launch is None else LaunchPlan.of(launch, tensors)
-        if launch is None or plan is not None:
+        inputs = (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, k_scale, v_scale)
+        plan = CallPlan.of(launches, inputs, buffers, (q_out, k_out))
+        if plan is not None:
             _PLANS.remember(remember, plan)
     return q_out, (k_out if k_out is not None else k.new_empty(0))
 
@@ -335,12 +333,11 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
 # ------------------------------------------------------------------ planned calls
 # Decode and eager prefill call the op with the same shapes, strides and dtypes step
 # after step. The first call of each such signature is validated and planned; its launch
-# is remembered (LaunchPlan: the kernel arguments with the tensors left as slots) and
-# later calls only allocate the outputs and launch. Validation and planning read nothing
+# is remembered (CallPlan: the kernel arguments with the tensors left as slots, and the
+# outputs to allocate) and later calls only allocate the outputs and launch. Validation and planning read nothing
 # but the signature and the non-tensor arguments, all of which are in the key, so a
 # remembered call would have passed validation and planned the same launch.
 _PLANS = PlanCache()
-_UNPLANNED = object()  # a remembered plan may be None (no tokens: nothing to launch)
 
 
 def _signature(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
@@ -348,16 +345,6 @@ def _signature(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cach
     return (cache_layout, rotary_dim, style, return_k,
             *map(tensor_signature, (q, k, v, cos, sin, positions, k_cache, v_cache, cache_index,
                                     k_scale, v_scale)))
-
-
-def _planned(plan, q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, return_k,
-             k_scale, v_scale):
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if return_k else None
-    if plan is not None:
-        plan.launch((q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, k_scale,
-                     v_scale, q_out, k_out))
-    return q_out, (k_out if k_out is not None else k.new_empty(0))
 
 
 def plan_kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_layout,
@@ -410,10 +397,11 @@ def _rope_write_kv(
         validate(*args[:-1])
         return _reference(*args)
     key = _signature(*args)
-    plan = _PLANS.get(key, _UNPLANNED)
-    if plan is not _UNPLANNED:
-        return _planned(plan, q, k, v, cos, sin, positions, k_cache, v_cache,
-                        cache_index, return_k, k_scale, v_scale)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        q_out, k_out = plan.run((q, k, v, cos, sin, positions, k_cache, v_cache, cache_index,
+                                 k_scale, v_scale), q.device)
+        return q_out, (k_out if k_out is not None else k.new_empty(0))
     validate(*args[:-1])  # raises for bad input; only calls that pass are remembered
     return _kernel(*args, remember=key)
 

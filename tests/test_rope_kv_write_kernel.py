@@ -181,3 +181,20 @@ def test_bad_input_is_never_remembered():
     with rwk.kernel_on_cpu(), pytest.raises(ValueError, match="rotary_dim"):
         OP(*args)
     assert not rwk._PLANS
+
+
+def test_no_tokens_is_remembered_as_nothing_to_launch():
+    """A call without tokens launches nothing; its remembered plan repeats that."""
+    rwk._PLANS.clear()
+    args, _, _ = _case("flat", tokens=3, seed=4)
+    for i in (0, 1, 2, 3, 4, 8):
+        args[i] = args[i][:0]
+    args[-1] = True  # return_k
+    caches = (args[6].clone(), args[7].clone())
+    for _ in range(2):
+        with rwk.kernel_on_cpu():
+            q_out, k_out = OP(*args)
+        assert q_out.shape == args[0].shape and k_out.shape == args[1].shape
+    plan = rwk._PLANS[rwk._signature(*args)]
+    assert plan.launches == () and len(plan.allocations) == 2
+    assert torch.equal(args[6], caches[0]) and torch.equal(args[7], caches[1])

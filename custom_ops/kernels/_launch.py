@@ -214,7 +214,7 @@ class CallPlan:
     """Every launch of one op call, its buffers and its results, to be repeated for a later
     call with the same signature: ``run(inputs)`` allocates the buffers (in the order the
     first call did), launches each ``LaunchPlan`` over ``(*inputs, *buffers)`` and returns
-    the tensors at ``results``."""
+    the tensors at ``results`` (``None`` where the first call returned ``None``)."""
 
     launches: tuple[LaunchPlan, ...]
     allocations: tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -227,7 +227,8 @@ class CallPlan:
         ``buffers`` allocated; None when a launch or a result uses any other tensor."""
         tensors = (*inputs, *buffers.tensors)
         plans = [LaunchPlan.of(launch, tensors) for launch in launches]
-        found = [next((i for i, t in enumerate(tensors) if t is r), None) for r in results]
+        found = [-1 if r is None else next((i for i, t in enumerate(tensors) if t is r), None)
+                 for r in results]
         if any(p is None for p in plans) or None in found:
             return None
         return CallPlan(tuple(plans), tuple(buffers.specs), tuple(found))
@@ -236,4 +237,4 @@ class CallPlan:
         tensors = (*inputs, *(torch.empty(s, dtype=d, device=device) for s, d in self.allocations))
         for plan in self.launches:
             plan.launch(tensors)
-        return tuple(tensors[i] for i in self.results)
+        return tuple(None if i < 0 else tensors[i] for i in self.results)
