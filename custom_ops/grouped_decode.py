@@ -62,7 +62,6 @@ from ._dispatch import (  # noqa: F401
     register_direct_kernels,
     use_kernel,
 )
-
 from .kernels._launch import Allocations, CallPlan, PlanCache, tensor_signature
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -306,18 +305,18 @@ def _grouped_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k_cache, v_cache, block_table, seq_lens, mask, scale, softcap, window,
             k_scale, v_scale, v_head_dim)
-    if use_kernel(q.device):  # choose_backend's "triton"
-        key = _signature(*args)
-        plan = _PLANS.get(key)
-        if plan is not None:
-            return plan.run(_call_inputs(q, k_cache, v_cache, block_table, seq_lens, mask,
-                                         k_scale, v_scale), q.device)
-    validate(*args)  # raises for bad input; only calls that pass are remembered
     backend = choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap,
                              window, k_scale, v_scale)
-    if backend == "triton":
-        return _kernel(*args, remember=_signature(*args))
-    return _reference(*args)
+    if backend == "reference":
+        validate(*args)
+        return _reference(*args)
+    key = _signature(*args)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan.run(_call_inputs(q, k_cache, v_cache, block_table, seq_lens, mask,
+                                     k_scale, v_scale), q.device)
+    validate(*args)  # raises for bad input; only calls that pass are remembered
+    return _kernel(*args, remember=key)
 
 
 grouped_decode_op = torch.library.custom_op("attnfuse::grouped_decode", _grouped_decode,

@@ -430,18 +430,14 @@ class FlashinferWrappers:
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         return (kind, device.type, device.index, stream, slot)
 
-    def get(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any]) -> Any:
-        key = self._slot_key(kind, device, slot)
-        if key not in self._wrappers:
-            self._wrappers[key] = build()
-        return self._wrappers[key]
-
     def planned(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any],
                 plan_key: tuple, plan: Callable[[Any], None]) -> Any:
         """The wrapper of ``(kind, device, stream, slot)``, planned for ``plan_key``:
         ``plan(wrapper)`` runs unless its last plan had the same key."""
         key = self._slot_key(kind, device, slot)
-        wrapper = self.get(kind, device, slot, build)
+        if key not in self._wrappers:
+            self._wrappers[key] = build()
+        wrapper = self._wrappers[key]
         if self._plan_keys.get(key) != plan_key:
             self._plan_keys.pop(key, None)  # a plan that raises leaves no key behind
             plan(wrapper)

@@ -334,9 +334,10 @@ def _kernel(q, k, v, cos, sin, positions, k_cache, v_cache, cache_index, cache_l
 # Decode and eager prefill call the op with the same shapes, strides and dtypes step
 # after step. The first call of each such signature is validated and planned; its launch
 # is remembered (CallPlan: the kernel arguments with the tensors left as slots, and the
-# outputs to allocate) and later calls only allocate the outputs and launch. Validation and planning read nothing
-# but the signature and the non-tensor arguments, all of which are in the key, so a
-# remembered call would have passed validation and planned the same launch.
+# outputs to allocate) and later calls only allocate the outputs and launch. Validation
+# and planning read nothing but the signature and the non-tensor arguments, all of which
+# are in the key, so a remembered call would have passed validation and planned the same
+# launch.
 _PLANS = PlanCache()
 
 

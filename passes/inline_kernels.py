@@ -99,6 +99,23 @@ _ACCESSES: dict[tuple, Any] = {}
 _ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
 
+def _ours(kernel: Any) -> Any:
+    """Our JIT function behind ``kernel`` (itself, or the one our autotuner wraps); None
+    for any other kernel."""
+    base = _AUTOTUNERS.get(id(kernel), kernel)
+    return base if id(base) in _OURS else None
+
+
+def _patch_once(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` by ``make(original)`` unless it is missing or already ours."""
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_attnfuse_patch", False):
+        return
+    patched = make(original)
+    patched._attnfuse_patch = True
+    setattr(owner, name, patched)
+
+
 def _ttir_arg_key(v: Any) -> Any:
     dtype = getattr(v, "dtype", None)
     if dtype is None and hasattr(v, "get_dtype"):  # Inductor's TensorBox
@@ -113,8 +130,8 @@ def _ttir_arg_key(v: Any) -> Any:
 def _memo_key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any, rest: tuple,
               extra: dict) -> tuple | None:
     """The key our kernel's TTIR and analysis depend on; ``None``: do not memoize."""
-    base = _AUTOTUNERS.get(id(kernel), kernel)
-    if (id(base) not in _OURS or tma_descriptor_metadata or rest or extra
+    base = _ours(kernel)
+    if (base is None or tma_descriptor_metadata or rest or extra
             or os.environ.get("ATTNFUSE_TTIR_MEMO", "1") == "0"):
         return None
     try:
@@ -134,7 +151,6 @@ def _memoized(original: Callable, table_name: str, copy: bool) -> Callable:
             table[key] = original(kernel, kwargs, tma_descriptor_metadata)
         return copy_module.deepcopy(table[key]) if copy else table[key]
 
-    wrapper._attnfuse_memo = True
     return wrapper
 
 
@@ -145,9 +161,7 @@ def _install_ttir_memo() -> None:
         return
     for name, table_name, copy in (("generate_ttir", "_TTIR", False),
                                    *((n, "_ACCESSES", True) for n in _ANALYSES)):
-        original = getattr(tkw, name, None)
-        if original is not None and not getattr(original, "_attnfuse_memo", False):
-            setattr(tkw, name, _memoized(original, table_name, copy))
+        _patch_once(tkw, name, functools.partial(_memoized, table_name=table_name, copy=copy))
 
 
 # Inductor starts compiling each of its own kernels in its worker pool as soon as code
@@ -198,32 +212,30 @@ def _install_early_compile() -> None:
         from torch._inductor.codegen.wrapper import PythonWrapperCodegen
     except ImportError:  # pragma: no cover
         return
-    original = getattr(PythonWrapperCodegen, "define_user_defined_triton_kernel", None)
-    if original is None or getattr(original, "_attnfuse_early", False):
-        return
 
-    @functools.wraps(original)
-    def define_user_defined_triton_kernel(self, kernel, *args, **kwargs):
-        base = _AUTOTUNERS.get(id(kernel), kernel)
-        if (id(base) not in _OURS or "define_kernel" in vars(self)
-                or os.environ.get("ATTNFUSE_EARLY_COMPILE", "1") == "0"):
-            return original(self, kernel, *args, **kwargs)
+    def make(original):
+        @functools.wraps(original)
+        def define_user_defined_triton_kernel(self, kernel, *args, **kwargs):
+            if (_ours(kernel) is None or "define_kernel" in vars(self)
+                    or os.environ.get("ATTNFUSE_EARLY_COMPILE", "1") == "0"):
+                return original(self, kernel, *args, **kwargs)
 
-        def define_kernel(name, kernel_code, *a, **k):
+            def define_kernel(name, kernel_code, *a, **k):
+                try:
+                    _compile_early(kernel_code)
+                except Exception:  # noqa: BLE001 - an early start is only an optimization
+                    pass  # the module compiles the kernel when it loads, as without this
+                return type(self).define_kernel(self, name, kernel_code, *a, **k)
+
+            self.define_kernel = define_kernel  # for this call only
             try:
-                _compile_early(kernel_code)
-            except Exception:  # noqa: BLE001 - an early start is only an optimization
-                pass  # the module compiles the kernel when it loads, as without this
-            return type(self).define_kernel(self, name, kernel_code, *a, **k)
+                return original(self, kernel, *args, **kwargs)
+            finally:
+                del self.define_kernel
 
-        self.define_kernel = define_kernel  # for this call only
-        try:
-            return original(self, kernel, *args, **kwargs)
-        finally:
-            del self.define_kernel
+        return define_user_defined_triton_kernel
 
-    define_user_defined_triton_kernel._attnfuse_early = True
-    PythonWrapperCodegen.define_user_defined_triton_kernel = define_user_defined_triton_kernel
+    _patch_once(PythonWrapperCodegen, "define_user_defined_triton_kernel", make)
 
 
 # After reinplacing, Inductor decomposes each ``triton_kernel_wrapper_functional`` node
@@ -250,7 +262,7 @@ def decompose_our_launches(graph: fx.Graph) -> int:
     for node in graph.find_nodes(op="call_function", target=triton_kernel_wrapper_functional):
         kw = node.kwargs
         kernel = kernel_side_table.get_kernel(kw["kernel_idx"])
-        if kw["tensors_to_clone"] or node.users or id(_AUTOTUNERS.get(id(kernel), kernel)) not in _OURS:
+        if kw["tensors_to_clone"] or node.users or _ours(kernel) is None:
             continue
         mutation_kwargs = {k: v for k, v in kw.items() if k != "tensors_to_clone"}
         with graph.inserting_before(node):
@@ -269,18 +281,17 @@ def _install_direct_decomposition() -> None:
         import torch._inductor.fx_passes.post_grad as post_grad
     except ImportError:  # pragma: no cover
         return
-    original = getattr(post_grad, "decompose_triton_kernel_wrapper_functional", None)
-    if original is None or getattr(original, "_attnfuse_direct", False):
-        return
 
-    @functools.wraps(original)
-    def decompose(graph):
-        if os.environ.get("ATTNFUSE_DIRECT_DECOMPOSE", "1") != "0":
-            decompose_our_launches(graph)
-        return original(graph)
+    def make(original):
+        @functools.wraps(original)
+        def decompose(graph):
+            if os.environ.get("ATTNFUSE_DIRECT_DECOMPOSE", "1") != "0":
+                decompose_our_launches(graph)
+            return original(graph)
 
-    decompose._attnfuse_direct = True
-    post_grad.decompose_triton_kernel_wrapper_functional = decompose
+        return decompose
+
+    _patch_once(post_grad, "decompose_triton_kernel_wrapper_functional", make)
 
 
 def forget_compiled_analyses() -> None:
@@ -504,10 +515,9 @@ def _erase_between(graph: fx.Graph, first_prev: fx.Node, node: fx.Node) -> bool:
     while cur is not node:
         made.append(cur)
         cur = cur.next
-    for n in reversed(made):
-        for user in list(n.users):
-            if user not in made:
-                return False
+    inside = set(made)
+    if any(user not in inside for n in made for user in n.users):
+        return False
     for n in reversed(made):
         graph.erase_node(n)
     return True

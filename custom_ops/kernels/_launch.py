@@ -152,6 +152,11 @@ def tensor_signature(t: torch.Tensor | None) -> tuple | None:
     return (t.shape, t.stride(), t.dtype, t.get_device())
 
 
+def _index_of(tensors: tuple, t: torch.Tensor) -> int | None:
+    """Position of ``t`` itself (not an equal tensor) in ``tensors``; None if absent."""
+    return next((i for i, x in enumerate(tensors) if x is t), None)
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """A ``KernelLaunch`` with its tensors replaced by slots, to be filled from the tensors
@@ -177,7 +182,7 @@ class LaunchPlan:
         rebind = []
         for pos, arg in enumerate(launch.args):
             if isinstance(arg, torch.Tensor):
-                idx = next((i for i, t in enumerate(tensors) if t is arg), None)
+                idx = _index_of(tensors, arg)
                 if idx is None:
                     return None
                 rebind.append((pos, idx))
@@ -227,8 +232,7 @@ class CallPlan:
         ``buffers`` allocated; None when a launch or a result uses any other tensor."""
         tensors = (*inputs, *buffers.tensors)
         plans = [LaunchPlan.of(launch, tensors) for launch in launches]
-        found = [-1 if r is None else next((i for i, t in enumerate(tensors) if t is r), None)
-                 for r in results]
+        found = [-1 if r is None else _index_of(tensors, r) for r in results]
         if any(p is None for p in plans) or None in found:
             return None
         return CallPlan(tuple(plans), tuple(buffers.specs), tuple(found))
