@@ -36,7 +36,11 @@ import torch
 from common import bench_us, copy_bandwidth_gbps, write_results
 
 from attnfuse.custom_ops.grouped_decode import reference
-from attnfuse.custom_ops.kernels.grouped_decode import grouped_decode_kernel
+from attnfuse.custom_ops.kernels.grouped_decode import (
+    _STAGE1,
+    grouped_decode_kernel,
+    plan_grouped_decode,
+)
 
 #: calls faster than this are timed as CUDA-graph replays (launch overhead would dominate)
 GRAPH_BELOW_US = 300.0
@@ -215,6 +219,16 @@ def check() -> list[dict]:
 
 
 # ------------------------------------------------------------------ sweep
+def stage_launches(q, k, v, table, lens, cfg, scale, v_head_dim=None):
+    """The launches of one paged call, to time its stages apart."""
+    out = plan_grouped_decode(
+        q, k, v, block_table=table, seq_lens=lens, mask=None, mask_is_bool=False,
+        scale=scale, softcap=0.0, window=-1, k_scale=None, v_scale=None,
+        v_head_dim=v_head_dim, empty=lambda shape, dtype: torch.empty(shape, dtype=dtype, device=DEV),
+        config=cfg)
+    return out[3]
+
+
 def _variants(keys_values):
     out = [{}]
     for key, values in keys_values:
@@ -232,20 +246,22 @@ def sweep() -> list[dict]:
     # _v5.md: the points still short of their targets (GQA vs SDPA at small sizes; MLA-16
     # at B=1 ctx 32k and at batch >= 16), with more pipeline stages and split counts
     # beyond the automatic rule's cap
-    blocks = [{"block_n": n, "num_warps": w, "num_stages": st}
-              for n, w, st in ((32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3),
-                               (64, 8, 2), (64, 8, 3))]
+    # _v6.md: at MLA's 512-wide accumulator, V's columns cut over programs (each
+    # recomputing the logits) and the query tile reloaded per KV step: no gain (2-4x
+    # slower and unchanged); both dropped. Stage 1 timed alone showed stage 2 costing
+    # 3-6 us at batch 1 (GQA ctx 8k: 10.3 of 14.7 us; MLA-16 ctx 32k: 21.5 of 27.6 us)
+    # _v7.md: stage 2's shape: splits merged per step (one step for the automatic
+    # counts), output features per program, warps
+    merge = _variants([("merge_chunk", (32, 128)), ("merge_dv", (16, 32, 64)),
+                       ("merge_warps", (1, 2, 4))])
     points = [
-        ("gqa", 1, 8192, None, _variants([("num_kv_splits", (32, 64)), ("block_n", (32, 64)),
-                                          ("num_stages", (2, 3, 4)), ("num_warps", (2, 4))])),
-        ("gqa", 16, 1024, None, _variants([("num_kv_splits", (2, 4)), ("block_n", (32, 64, 128)),
-                                           ("num_stages", (2, 3, 4))])),
-        ("mla", 1, 32768, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (128, 256)]),
-        ("mla", 16, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (8, 17, 32)]),
-        ("mla", 64, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (2, 4)]),
-        ("mla", 128, 4096, 16, [{**c, "num_kv_splits": x} for c in blocks for x in (1, 2)]),
-        ("mla", 64, 4096, 128, _variants([("num_warps", (4, 8)), ("num_stages", (1, 2)),
-                                          ("block_n", (16, 32)), ("num_kv_splits", (1, 2))])),
+        ("gqa", 1, 8192, None, merge),
+        ("gqa", 1, 32768, None, merge),
+        ("gqa", 16, 1024, None, merge),
+        ("mla", 1, 32768, 16, merge),
+        ("mla", 1, 4096, 16, merge),
+        ("mla", 16, 4096, 16, merge),
+        ("mla", 1, 32768, 128, merge),
     ]
     for kind, batch, ctx, heads, variants in points:
         torch.manual_seed(0)
@@ -267,19 +283,47 @@ def sweep() -> list[dict]:
             make = lambda over: ours_mla(q, kv, table, lens, **over)  # noqa: E731
             nbytes = kv.numel() * kv.element_size()
         best = None
+        baseline = {}
+        try:
+            if kind == "gqa":
+                fi = flashinfer_gqa(q, k, v, table, lens)
+                baseline["flashinfer_us"] = timed(fi)
+                q4 = q[:, :, None, :]
+                ks = torch.randn(batch, GQA_KV_HEADS, ctx, GQA_HEAD_DIM, device=DEV, dtype=DT)
+                baseline["sdpa_gqa_us"] = timed(sdpa_gqa(q4, ks, torch.randn_like(ks)))
+                del ks
+            elif kind == "mla":
+                baseline["flashinfer_us"] = timed(flashinfer_mla(q, kv, table, lens, heads))
+        except Exception as exc:
+            print(f"sweep baseline {kind}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
         for over in variants:
             try:
                 fn = make(over)
+                _STAGE1._cache.clear()
                 cfg = fn()[2]
+                compiled = [c for c, _ in _STAGE1._cache.values()]
                 us = timed(fn)
+                stage1_us = None
+                if cfg.num_kv_splits > 1:
+                    launches = (stage_launches(q, k, v, table, lens, cfg, GQA_HEAD_DIM ** -0.5)
+                                if kind == "gqa" else
+                                stage_launches(q, kv.unsqueeze(2), None, table, lens, cfg,
+                                               MLA_SCALE, MLA_CKV))
+                    stage1_us = timed(launches[0])
             except Exception as exc:
                 print(f"sweep {kind} {heads} B={batch} ctx={ctx} {over}: {type(exc).__name__}: "
                       f"{str(exc)[:120]}", flush=True)
                 continue
             row = {"kind": kind, "heads": heads or GQA_Q_HEADS, "batch": batch, "ctx": ctx,
                    "block_h": cfg.block_h, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
-                   "num_stages": cfg.num_stages, "splits": cfg.num_kv_splits, "us": us,
-                   "GB/s": nbytes / us / 1e3}
+                   "num_stages": cfg.num_stages, "splits": cfg.num_kv_splits,
+                   "merge_chunk": cfg.merge_chunk, "merge_dv": cfg.merge_dv,
+                   "merge_warps": cfg.merge_warps, "us": us,
+                   "GB/s": nbytes / us / 1e3, "stage1_us": stage1_us,
+                   "n_regs": compiled[-1].n_regs if compiled else None,
+                   "n_spills": compiled[-1].n_spills if compiled else None, **baseline}
+            if baseline.get("flashinfer_us"):
+                row["vs_flashinfer"] = baseline["flashinfer_us"] / us
             rows.append(row)
             if best is None or us < best["us"]:
                 best = row
@@ -288,7 +332,9 @@ def sweep() -> list[dict]:
         free_bytes()
         # after every point, so a run cut short still returns what it measured
         write_results("bench_decode_sweep", rows, ["kind", "heads", "batch", "ctx",
-                      "block_h", "block_n", "num_warps", "num_stages", "splits", "us", "GB/s"],
+                      "block_h", "block_n", "num_warps", "num_stages", "splits", "merge_chunk",
+                      "merge_dv", "merge_warps", "n_regs", "n_spills", "us", "GB/s", "stage1_us",
+                      "flashinfer_us", "sdpa_gqa_us", "vs_flashinfer"],
                       title="grouped_decode: kernel variant sweep (H100)")
     return rows
 

@@ -25,9 +25,12 @@ grounded in ``benchmarks/bench_mla_prefill.py``: sparse attention may take the M
 only where it is exact (every sequence no longer than the top-k and the indexer selects
 every visible token); the MHA form decompresses and attends groups of whole sequences
 whose K/V fit ``DECOMPRESSED_KV_BUDGET_BYTES``, so only a sequence too long for the budget
-on its own goes to the absorbed form. Measured on H100 (GPU time): dense MHA is faster at
-every length from 128 to 16k tokens at 16 and 128 heads, so the SM90 rule takes MHA for
-every dense call within the budget; for sparse calls the crossover is the top-k itself.
+on its own goes to the absorbed form. Measured on H100: dense MHA's kernels are faster at
+every length from 128 to 16k tokens at 16 and 128 heads, but short calls are host-bound
+and there the absorbed form's call is cheaper, so the SM90 rule takes the absorbed form
+for dense calls of at most 2048 tokens at 16 heads (8 sequences) and of at most 480
+tokens at 128 heads (4 sequences), MHA for every other dense call within the budget; for
+sparse calls the crossover is the top-k itself.
 
 Back ends: on CUDA the MHA form runs flashinfer's ``BatchPrefillWithRaggedKVCacheWrapper``
 (fa3 on SM90 at head dims (192, 128)), or ``trtllm_ragged_attention_deepseek`` on SM100
@@ -121,9 +124,10 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 class PrefillRule:
     """When a GPU takes the MHA form (every number measured in bench_mla_prefill.py).
 
-    ``short_absorbed``: rows ``(max_heads, max_seqs, max_seqlen)``; a call with at most
-    that many heads and sequences, none longer than ``max_seqlen``, takes the absorbed
-    form: there the work is tiny and the absorbed form's fewer kernel launches win.
+    ``short_absorbed``: rows ``(max_heads, max_seqs, max_tokens)``; a dense call with at
+    most that many heads, sequences and query tokens takes the absorbed form: there a
+    call's time is host work (its kernels take tens of microseconds) and the absorbed
+    form's was measured lower.
     ``dense_mha_max_seqlen``: dense calls longer than this take the absorbed form.
     ``sparse_mha_max_seqlen_over_topk`` bounds sparse calls by ``max_seqlen <= f * K``;
     it never exceeds 1, the point past which the MHA form stops being exact.
@@ -136,19 +140,27 @@ class PrefillRule:
     sparse_mha_max_seqlen_over_topk: float = 1.0
     kv_budget_bytes: int = DECOMPRESSED_KV_BUDGET_BYTES
 
-    def prefers_absorbed_when_short(self, num_heads: int, num_seqs: int, max_seqlen: int) -> bool:
-        return any(num_heads <= h and num_seqs <= n and max_seqlen <= L
-                   for h, n, L in self.short_absorbed)
+    def prefers_absorbed_when_short(self, num_heads: int, num_seqs: int, num_tokens: int) -> bool:
+        return any(num_heads <= h and num_seqs <= n and num_tokens <= t
+                   for h, n, t in self.short_absorbed)
 
 
 RULES: dict[str, PrefillRule] = {
     # H100 (SM90), flashinfer fa3 for both forms, DeepSeek-V3 sizes, bf16. GPU time (CUDA
     # graphs): dense MHA beat dense absorbed at every measured point, 128 to 16k tokens,
-    # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k), and
-    # in eager runs from 1k tokens on (uniform and ragged batches too). Below 1k tokens
-    # eager timings are launch-bound (30-150 us) and flipped between runs, so they set no
-    # rule (``short_absorbed`` stays empty). Sparse: MHA wherever it is exact (<= k).
-    "sm90": PrefillRule("sm90"),
+    # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k). The
+    # op runs outside CUDA graphs, though (it reads cu_seqlens on the host), and up to
+    # about 2k tokens a call is host work: 260-300 us of launches and flashinfer's run()
+    # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md).
+    # Over four runs on four hosts the absorbed form's calls were the faster ones at 16
+    # heads up to 2048 tokens (batches of up to 8 sequences; by 3-38% in three runs,
+    # within 8% either way in the fourth) and at 128 heads up to 470 tokens in up to 4
+    # sequences (in 3 or 4 runs of 4 at each point but one ragged 235-token batch, 2 of
+    # 4); from 4096 tokens at 16 heads and 512 at 128 heads the MHA form's smaller GPU
+    # time wins in every run.
+    # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
+    # slower.
+    "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 480))),
     # Blackwell: not measured here; SGLang routes prefill the same way (MHA for short).
     "sm100": PrefillRule("sm100"),
     # CPU and other GPUs run the torch forms; the MHA form does fewer FLOPs per pair.
@@ -184,7 +196,7 @@ def choose_path(*, num_tokens: int, num_heads: int, num_seqs: int, qk_nope_dim: 
     if kv_bytes > rule.kv_budget_bytes:
         return "absorbed"
     if topk is None:
-        if rule.prefers_absorbed_when_short(num_heads, num_seqs, max_seqlen):
+        if rule.prefers_absorbed_when_short(num_heads, num_seqs, num_tokens):
             return "absorbed"
         return "mha" if max_seqlen <= rule.dense_mha_max_seqlen else "absorbed"
     # Sparse: the dense MHA form equals sparse attention only when the top-k list of
@@ -304,8 +316,8 @@ def mla_prefill_reference(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_s
 
 
 # --------------------------------------------------------------- torch forms (any device)
-def _seq_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
-    cu = cu_seqlens.tolist()
+def _seq_bounds(cu_seqlens: torch.Tensor | list[int]) -> list[tuple[int, int]]:
+    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
     return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
 
@@ -463,9 +475,17 @@ def mha_groups(cu: list[int], max_tokens: int) -> list[tuple[int, int]]:
     return groups
 
 
-def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, cu_host, max_seqlen,
-                    scale, causal, slot: int = 0):
-    """Plan the MHA form on CUDA; returns ``run()`` (decompress + attention).
+def mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, ...]:
+    """The MHA form's attention inputs: q (T, H, D_nope + D_rope), decompressed K and V."""
+    k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
+    return torch.cat([q_nope, q_pe], dim=-1), k, v
+
+
+def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int], max_seqlen, scale,
+                    causal, slot: int = 0, inputs: tuple[torch.Tensor, ...] | None = None):
+    """Plan the MHA form on CUDA for the offsets ``cu`` (host ints); returns ``run()``
+    (decompress + attention; with ``inputs``, ``mha_inputs`` computed already, attention
+    only, once).
 
     flashinfer ragged prefill (fa3 on SM90 at (192, 128)); trtllm-gen on SM100."""
     fi = _flashinfer()
@@ -473,21 +493,26 @@ def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, cu_host, ma
     dev = q_nope.device
     major, _ = torch.cuda.get_device_capability(dev)
 
-    def inputs():
-        k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
-        return torch.cat([q_nope, q_pe], dim=-1), k, v
+    def attention_inputs():
+        return inputs if inputs is not None else mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
 
     if major == 10 and hasattr(fi, "prefill") and (qk_dim, vo_dim) in TRTLLM_RAGGED_HEAD_DIMS:
-        return lambda: _mha_trtllm_blackwell(fi, *inputs(), cu_seqlens, max_seqlen, scale, causal)
+        cu_dev = torch.tensor(cu, dtype=torch.int32, device=dev)
+        return lambda: _mha_trtllm_blackwell(fi, *attention_inputs(), cu_dev, max_seqlen, scale,
+                                             causal)
     backend = "fa3" if major == 9 and _fa3_head_dims_ok(qk_dim, vo_dim) else "auto"
-    indptr = cu_host.to(torch.int32)
-    plan_key = (tuple(indptr.tolist()), H, qk_dim, vo_dim, causal, scale, q_nope.dtype, ckv.dtype)
+    plan_key = (tuple(cu), H, qk_dim, vo_dim, causal, scale, q_nope.dtype, ckv.dtype)
+
+    def plan(w):
+        indptr = torch.tensor(cu, dtype=torch.int32)
+        w.plan(indptr, indptr, H, H, qk_dim, head_dim_vo=vo_dim, causal=causal, sm_scale=scale,
+               q_data_type=q_nope.dtype, kv_data_type=ckv.dtype)
+
     wrapper = WRAPPERS.planned(
         f"ragged-{backend}", dev, slot,
         lambda: fi.BatchPrefillWithRaggedKVCacheWrapper(_workspace(dev), "NHD", backend=backend),
-        plan_key, lambda w: w.plan(indptr, indptr, H, H, qk_dim, head_dim_vo=vo_dim, causal=causal,
-                                   sm_scale=scale, q_data_type=q_nope.dtype, kv_data_type=ckv.dtype))
-    return lambda: wrapper.run(*inputs())
+        plan_key, plan)
+    return lambda: wrapper.run(*attention_inputs())
 
 
 def _mha_trtllm_blackwell(fi, q, k, v, cu_seqlens, max_seqlen, scale, causal):
@@ -531,16 +556,24 @@ def mla_plan_groups(cu: list[int], max_tokens: int) -> list[list[tuple[int, int,
     return groups
 
 
-def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_host, scale, causal):
-    """Plan the dense absorbed form on CUDA (flashinfer MLA, one page per token); returns
-    ``run()`` (W_UK projection + attention over the latent + W_UV projection)."""
+def absorbed_query(q_nope, w_uk) -> torch.Tensor:
+    """The absorbed form's latent queries ``q_nope @ W_UK`` (T, H, R), contiguous."""
+    return _absorb_q(q_nope, w_uk).contiguous()
+
+
+def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int], scale, causal,
+                               q_lat: torch.Tensor | None = None):
+    """Plan the dense absorbed form on CUDA (flashinfer MLA, one page per token) for the
+    offsets ``cu`` (host ints); returns ``run()`` (W_UK projection + attention over the
+    latent + W_UV projection; with ``q_lat``, ``absorbed_query`` computed already, the
+    projection is not repeated)."""
     from flashinfer.mla import BatchMLAPagedAttentionWrapper, MLAPlanMetadata
 
     H, R = q_nope.shape[1], ckv.shape[1]
     dev = q_nope.device
     max_tokens = max(1, MLA_PLAN_MAX_TOKEN_HEADS // H)
-    groups = mla_plan_groups(cu_host.tolist(), max_tokens) if causal else [
-        [(a, b, a, b) for a, b in zip(cu_host.tolist()[:-1], cu_host.tolist()[1:]) if b > a]]
+    groups = mla_plan_groups(cu, max_tokens) if causal else [
+        [(a, b, a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]]
     if not causal and any(b - a > max_tokens for g in groups for a, b, _, _ in g):
         raise ValueError(f"max_seqlen: a non-causal sequence longer than {max_tokens} tokens "
                          f"does not fit one flashinfer MLA plan at {H} heads")
@@ -563,16 +596,16 @@ def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_host, sca
         plans.append((pieces[0][0], pieces[-1][1], wrapper))
 
     def run():
-        q_lat = _absorb_q(q_nope, w_uk).contiguous()
+        q_l = q_lat if q_lat is not None else absorbed_query(q_nope, w_uk)
         q_rope = q_pe.contiguous()
         kv = (ckv[:, None, :], k_pe[:, None, :])
         if len(plans) == 1:
             a, b, wrapper = plans[0]
-            o_lat = wrapper.run(query=(q_lat[a:b], q_rope[a:b]), kv_cache=kv)
+            o_lat = wrapper.run(query=(q_l[a:b], q_rope[a:b]), kv_cache=kv)
         else:
-            o_lat = q_lat.new_empty(q_lat.shape)
+            o_lat = q_l.new_empty(q_l.shape)
             for a, b, wrapper in plans:
-                o_lat[a:b] = wrapper.run(query=(q_lat[a:b], q_rope[a:b]), kv_cache=kv)
+                o_lat[a:b] = wrapper.run(query=(q_l[a:b], q_rope[a:b]), kv_cache=kv)
         return _unabsorb_o(o_lat, w_uv)
 
     return run
@@ -605,26 +638,64 @@ def mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen, topk
         topk_covers_visible=topk_covers_visible, rule=rule_for(q_nope.device))
 
 
+def _per_token_kv_bytes(q_nope, q_pe, w_uv) -> int:
+    return decompressed_kv_bytes(1, q_nope.shape[1], q_nope.shape[2] + q_pe.shape[2],
+                                 w_uv.shape[2], q_nope.element_size())
+
+
+def start_host_read(cu_seqlens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``cu_seqlens`` to the host; the returned function waits for the copy
+    only (not for GPU work queued after it) and gives the offsets as ints."""
+    if not cu_seqlens.is_cuda:
+        return cu_seqlens.tolist
+    host = torch.empty(cu_seqlens.shape, dtype=cu_seqlens.dtype, pin_memory=True)
+    host.copy_(cu_seqlens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def finish() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return finish
+
+
+def early_work(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, topk_indices) -> dict:
+    """Launch the GPU work of a form that does not depend on ``cu_seqlens`` (the MHA
+    form's decompression when one group holds the call; the absorbed form's W_UK
+    projection), so the GPU computes it while the host reads the offsets and plans."""
+    if chosen == "mha" and _flashinfer_mha_ok(q_nope, q_pe, w_uv):
+        if q_nope.shape[0] * _per_token_kv_bytes(q_nope, q_pe, w_uv) <= DECOMPRESSED_KV_BUDGET_BYTES:
+            return {"inputs": mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)}
+    if chosen == "absorbed" and topk_indices is None and _flashinfer_mla_ok(q_nope, ckv, k_pe):
+        return {"q_lat": absorbed_query(q_nope, w_uk)}
+    return {}
+
+
 def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale,
-                 causal, topk_indices):
+                 causal, topk_indices, cu: list[int] | None = None, early: dict | None = None):
     """Plan one form ("mha" or "absorbed") on the best back end for the device; returns a
-    callable that computes the attention (host work such as flashinfer's plan is done)."""
-    cu_host = cu_seqlens.cpu() if q_nope.is_cuda else cu_seqlens
+    callable that computes the attention (host work such as flashinfer's plan is done).
+
+    ``cu``: the offsets already read to the host (else read here); ``early``: what
+    ``early_work`` launched for this call (the callable then runs once)."""
+    if cu is None:
+        cu = cu_seqlens.tolist()
+    early = early or {}
     if q_nope.is_cuda:
-        _check_seqlens(cu_host.tolist(), q_nope.shape[0], max_seqlen)
+        _check_seqlens(cu, q_nope.shape[0], max_seqlen)
     args = (q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
     if chosen == "mha":
-        per_token = decompressed_kv_bytes(1, q_nope.shape[1], q_nope.shape[2] + q_pe.shape[2],
-                                          w_uv.shape[2], q_nope.element_size())
-        groups = mha_groups(cu_host.tolist(), max(1, DECOMPRESSED_KV_BUDGET_BYTES // per_token))
+        max_tokens = max(1, DECOMPRESSED_KV_BUDGET_BYTES // _per_token_kv_bytes(q_nope, q_pe, w_uv))
+        groups = mha_groups(cu, max_tokens)
         runs = []
         for slot, (a, b) in enumerate(groups):
             g_args = tuple(t[a:b] for t in args[:4]) + args[4:]
-            g_cu = cu_host[(cu_host >= a) & (cu_host <= b)] - a
+            g_cu = [c - a for c in cu if a <= c <= b]
             if _flashinfer_mha_ok(q_nope, q_pe, w_uv):
-                g_dev = g_cu.to(q_nope.device) if len(groups) > 1 else cu_seqlens
-                g_max = int((g_cu[1:] - g_cu[:-1]).max())
-                runs.append(prepare_mha_gpu(*g_args, g_dev, g_cu, g_max, scale, causal, slot=slot))
+                g_max = max(y - x for x, y in zip(g_cu[:-1], g_cu[1:]))
+                runs.append(prepare_mha_gpu(*g_args, g_cu, g_max, scale, causal, slot=slot,
+                                            inputs=early.get("inputs") if len(groups) == 1 else None))
             else:
                 runs.append(functools.partial(mla_prefill_mha_torch, *g_args, g_cu, scale, causal))
         if len(runs) == 1:
@@ -633,8 +704,8 @@ def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_se
     if topk_indices is not None:
         return lambda: mla_prefill_absorbed_sparse_torch(*args, topk_indices, scale)
     if _flashinfer_mla_ok(q_nope, ckv, k_pe):
-        return prepare_absorbed_dense_gpu(*args, cu_host, scale, causal)
-    return lambda: mla_prefill_absorbed_dense_torch(*args, cu_host, scale, causal)
+        return prepare_absorbed_dense_gpu(*args, cu, scale, causal, q_lat=early.get("q_lat"))
+    return lambda: mla_prefill_absorbed_dense_torch(*args, cu, scale, causal)
 
 
 def _stream_capturing(t: torch.Tensor) -> bool:
@@ -655,8 +726,12 @@ def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_
              topk_indices, topk_covers_visible, path)
     chosen = mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen,
                               topk_indices, topk_covers_visible, path)
+    # the host read of cu_seqlens waits for the GPU work queued before this call; the
+    # work queued after it (early_work) runs while the host plans
+    read_offsets = start_host_read(cu_seqlens)
+    early = early_work(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, topk_indices)
     out = prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen,
-                       scale, causal, topk_indices)()
+                       scale, causal, topk_indices, cu=read_offsets(), early=early)()
     return out.to(q_nope.dtype).contiguous()
 
 

@@ -119,6 +119,38 @@ def test_serving_mla_on_gpu():
     assert be.report.counts["mla_short_prefill"] == model.cfg.num_layers, be.report.table()
 
 
+def test_serving_mla_prefill_reduce_overhead_on_gpu():
+    """Under mode="reduce-overhead" the cudagraph-unsafe mla_prefill runs outside the CUDA
+    graphs Inductor records; repeated calls (warm-up, recording, replays) match eager. The
+    op itself refuses to run inside a real capture."""
+    import attnfuse
+    from serving_mla import MLAConfig, MLAForCausalLM, example_inputs
+
+    model = MLAForCausalLM.random(MLAConfig(), dtype=torch.bfloat16, device="cuda")
+    ids, positions, slots = (t.to("cuda") for t in example_inputs(model))
+    be = attnfuse.AttnfuseBackend({"fusions": ["mla_short_prefill"], "mode": "reduce-overhead"})
+    with torch.no_grad():
+        want = model.prefill(ids, positions, slots)
+        fast = torch.compile(model.prefill, backend=be)
+        for _ in range(4):
+            got = fast(ids, positions, slots).clone()
+            tol = BF16_REL_TOL * max(want.abs().max().item(), 1.0)
+            assert (got.float() - want.float()).abs().max().item() <= tol
+    assert be.report.counts["mla_short_prefill"] == model.cfg.num_layers, be.report.table()
+    T, H, R = 16, 2, 512
+    args = [torch.randn(T, H, 128, device="cuda", dtype=torch.bfloat16),
+            torch.randn(T, H, 64, device="cuda", dtype=torch.bfloat16),
+            torch.randn(T, R, device="cuda", dtype=torch.bfloat16),
+            torch.randn(T, 64, device="cuda", dtype=torch.bfloat16),
+            torch.randn(H, 128, R, device="cuda", dtype=torch.bfloat16),
+            torch.randn(H, R, 128, device="cuda", dtype=torch.bfloat16),
+            torch.tensor([0, T], device="cuda", dtype=torch.int32), T, 0.1]
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot run inside a CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            torch.ops.attnfuse.mla_prefill(*args)
+
+
 def test_serving_mla_decode_on_gpu():
     """One absorbed-MLA decode step (shared latent, Hkv = 1) against eager, from the same
     caches: SDPA lowers to another backend op on CUDA than on CPU."""

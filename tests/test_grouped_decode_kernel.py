@@ -176,6 +176,21 @@ def test_forced_split_counts_agree(monkeypatch):
         torch.testing.assert_close(out, results[0][0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("merge", [dict(merge_chunk=2, merge_dv=16, merge_warps=1),
+                                   dict(merge_chunk=128, merge_dv=32, merge_warps=2)])
+def test_merge_shapes_agree(merge):
+    # stage 2 merging 2 splits per step over 16-feature slices, or all splits in one step
+    torch.manual_seed(12)
+    q, k, v = _static(2, 8, 2, 64, 64, torch.float32)
+    lens = torch.tensor([64, 0], dtype=torch.int32)
+    out, lse, cfg = grouped_decode_kernel(q, k, v, seq_lens=lens, scale=0.3, num_kv_splits=4,
+                                          block_n=SMALL_BLOCK_N, **merge)
+    assert (cfg.merge_chunk, cfg.merge_dv, cfg.merge_warps) == tuple(merge.values())
+    _check(out, lse, *_reference64(q, k, v, seq_lens=lens, scale=0.3), FP32_TOL)
+    with pytest.raises(ValueError, match="merge_dv"):
+        grouped_decode_kernel(q, k, v, scale=0.3, merge_dv=24)
+
+
 def test_split_rule():
     # small batch, long context: split to fill 132 SMs (four programs each; two if wide)
     assert choose_num_kv_splits(1, 8, 1, 32768, 132) == 66

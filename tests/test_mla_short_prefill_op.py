@@ -121,10 +121,18 @@ def test_sparse_empty_row_gives_zeros():
 def test_rule():
     rule = mp.RULES["sm90"]
     base = dict(qk_nope_dim=128, rope_dim=64, v_head_dim=128, element_size=2, rule=rule)
-    # dense: MHA at every length and head count measured
-    for heads, length in ((16, 128), (16, 16384), (128, 128), (128, 16384)):
-        assert mp.choose_path(num_tokens=length, num_heads=heads, num_seqs=1, max_seqlen=length,
-                              topk=None, topk_covers_visible=False, **base) == "mha"
+    # dense: short host-bound calls take the absorbed form (16 heads: up to 2048 tokens in
+    # up to 8 sequences; 128 heads: up to 480 tokens in up to 4 sequences), the others MHA
+    for heads, length, seqs, want in ((16, 128, 1, "absorbed"), (16, 2048, 1, "absorbed"),
+                                      (16, 256, 8, "absorbed"), (16, 512, 8, "mha"),
+                                      (16, 2049, 1, "mha"), (16, 128, 9, "mha"),
+                                      (128, 256, 1, "absorbed"), (128, 480, 1, "absorbed"),
+                                      (128, 512, 1, "mha"), (128, 117, 4, "absorbed"),
+                                      (128, 96, 5, "mha"), (16, 16384, 1, "mha"),
+                                      (128, 16384, 1, "mha")):
+        assert mp.choose_path(num_tokens=length * seqs, num_heads=heads, num_seqs=seqs,
+                              max_seqlen=length, topk=None, topk_covers_visible=False,
+                              **base) == want, (heads, length, seqs)
     # the memory budget: a batch is decompressed in groups, one 32k-token sequence at
     # 128 heads does not fit
     assert mp.choose_path(num_tokens=30038, num_heads=128, num_seqs=4, max_seqlen=16384, topk=None,
@@ -134,6 +142,8 @@ def test_rule():
     assert mp.decompressed_kv_bytes(32768, 128, 192, 128, 2) > mp.DECOMPRESSED_KV_BUDGET_BYTES
     # a rule may send short launch-bound calls to the absorbed form
     short = mp.PrefillRule("test", short_absorbed=((16, 1, 512),))
+    assert mp.choose_path(num_tokens=513, num_heads=16, num_seqs=1, max_seqlen=513, topk=None,
+                          topk_covers_visible=False, **{**base, "rule": short}) == "mha"
     assert mp.choose_path(num_tokens=256, num_heads=16, num_seqs=1, max_seqlen=256, topk=None,
                           topk_covers_visible=False, **{**base, "rule": short}) == "absorbed"
     # sparse: MHA only up to k, and only with the indexer's promise
@@ -301,9 +311,13 @@ def test_mha_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
     monkeypatch.setattr(_FakeRaggedWrapper, "plans", [])
 
     def mha(inp):
-        cu = inp["cu_seqlens"]
-        run = mp.prepare_mha_gpu(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"],
-                                 inp["w_uv"], cu, cu, inp["max_seqlen"], inp["scale"], True)
+        cu = inp["cu_seqlens"].tolist()
+        args = (inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"], inp["w_uv"])
+        run = mp.prepare_mha_gpu(*args, cu, inp["max_seqlen"], inp["scale"], True)
+        # the op's own order: decompression launched first, then the plan and the attention
+        early = mp.prepare_mha_gpu(*args, cu, inp["max_seqlen"], inp["scale"], True,
+                                   inputs=mp.mha_inputs(*args))
+        torch.testing.assert_close(early(), run())
         return run().float()
 
     for seed, lens in ((1, [5, 1, 9]), (2, [5, 1, 9]), (3, [5, 1, 9]), (4, [7, 8])):
@@ -354,8 +368,12 @@ def test_absorbed_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
     monkeypatch.setattr(_FakeMLAWrapper, "plans", [])
 
     def absorbed(inp):
-        run = mp.prepare_absorbed_dense_gpu(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"],
-                                            inp["w_uk"], inp["w_uv"], inp["cu_seqlens"], inp["scale"], True)
+        args = (inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"], inp["w_uv"])
+        cu = inp["cu_seqlens"].tolist()
+        run = mp.prepare_absorbed_dense_gpu(*args, cu, inp["scale"], True)
+        early = mp.prepare_absorbed_dense_gpu(*args, cu, inp["scale"], True,
+                                              q_lat=mp.absorbed_query(inp["q_nope"], inp["w_uk"]))
+        torch.testing.assert_close(early(), run())
         return run().float()
 
     for seed, lens in ((1, [5, 1, 9]), (2, [5, 1, 9]), (3, [7, 8])):

@@ -73,10 +73,16 @@ MIN_KV_PER_SPLIT = 64
 AUTO_MAX_KV_SPLITS = 128
 #: upper bound of a forced split count (tests, tuning)
 MAX_KV_SPLITS = 512
-MERGE_CHUNK = 32
+#: stage 2 (H100, benchmarks/results/bench_decode_sweep_v7.md): the automatic split
+#: counts merged in one step, 32 output features and one warp per program. At batch 1
+#: stage 2 is latency-bound (stage 1 alone: GQA ctx 8k 10.3 of 14.5 us with 32 splits
+#: per step, 64 features, 4 warps); one step and twice the programs: 12.4 us; MLA-16
+#: ctx 32k 27.4 -> 24.4 us. Within 4% of the best of 18 shapes at each of 7 points.
+MERGE_CHUNK = AUTO_MAX_KV_SPLITS
 #: output features one stage-2 program merges: at batch 1 the (B, Hq) merge grid is only
 #: Hq programs, each reading splits x Dv fp32 partials; cutting Dv spreads that over SMs
-MERGE_DV_CHUNK = 64
+MERGE_DV_CHUNK = 32
+MERGE_WARPS = 1
 #: programs per SM stage 1 aims for. More, shorter programs shrink the tail of the last
 #: wave; measured on H100 (benchmarks/results/bench_decode_sweep_v1.md): GQA B=16 ctx 8k
 #: 4 splits (4 per SM) 187 us vs 2 splits 199 us; MLA-16 B=16 ctx 32k 16 splits (2 per
@@ -297,6 +303,10 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     num_kv_splits: int
+    #: stage 2: splits merged per step, output features per program, warps per program
+    merge_chunk: int = MERGE_CHUNK
+    merge_dv: int = MERGE_DV_CHUNK
+    merge_warps: int = MERGE_WARPS
 
 
 def sm_count(device: torch.device) -> int:
@@ -331,7 +341,9 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                     capacity: int, device: torch.device, paged: bool = True,
                     num_kv_splits: int | None = None,
                     block_h: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None) -> DecodeConfig:
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    merge_chunk: int | None = None, merge_dv: int | None = None,
+                    merge_warps: int | None = None) -> DecodeConfig:
     """The one place launch settings are chosen; every argument may be forced (tests, tuning).
 
     Defaults are the winners of the H100 sweeps (``benchmarks/results/bench_decode_sweep*.md``):
@@ -367,8 +379,13 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
         # (B=1 ctx 8k, 66 splits: static at 128 19.7 us, paged at 64 14.7 us)
         wide_block = not paged and not many
         default_n, default_warps, default_stages = (128, 4, 3) if wide_block else (64, 4, 3)
+    for name, value in (("merge_chunk", merge_chunk), ("merge_dv", merge_dv)):
+        if value is not None and (value < 2 or value & (value - 1)):
+            raise ValueError(f"{name}: expected a power of two >= 2, got {value}")
     return DecodeConfig(block_h, block_n or default_n, num_warps or default_warps,
-                        num_stages or default_stages, num_kv_splits)
+                        num_stages or default_stages, num_kv_splits,
+                        merge_chunk or MERGE_CHUNK, merge_dv or MERGE_DV_CHUNK,
+                        merge_warps or MERGE_WARPS)
 
 
 # ------------------------------------------------------------------ launcher
@@ -509,7 +526,7 @@ def plan_grouped_decode(
     )
     if splits == 1:
         return out, lse, config, [stage1]
-    merge_dv = min(block_dv, MERGE_DV_CHUNK)
+    merge_dv = min(block_dv, config.merge_dv)
     stage2 = KernelLaunch(
         _STAGE2,
         (batch, num_q_heads, cdiv(head_dv, merge_dv)),
@@ -519,9 +536,9 @@ def plan_grouped_decode(
          partial_lse.stride(0), partial_lse.stride(1),
          out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
         dict(HEAD_DV=head_dv, BLOCK_DV=merge_dv, NUM_SPLITS=splits,
-             BLOCK_S=min(max(next_pow2(splits), 2), MERGE_CHUNK),
+             BLOCK_S=min(max(next_pow2(splits), 2), config.merge_chunk),
              SPLIT_ALIGN=config.block_n,
              HAS_SEQLENS=seq_lens is not None, HAS_WINDOW=has_window),
-        num_warps=4, num_stages=3, writes=(3, 4),  # out, lse
+        num_warps=config.merge_warps, num_stages=3, writes=(3, 4),  # out, lse
     )
     return out, lse, config, [stage1, stage2]
