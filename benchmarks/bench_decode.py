@@ -252,6 +252,9 @@ def sweep() -> list[dict]:
     # 3-6 us at batch 1 (GQA ctx 8k: 10.3 of 14.7 us; MLA-16 ctx 32k: 21.5 of 27.6 us)
     # _v7.md: stage 2's shape: splits merged per step (one step for the automatic
     # counts), output features per program, warps
+    # _v8.md (code since removed): the query tile loaded in every KV step under a
+    # step-dependent mask, to pipeline it through shared memory instead of holding it in
+    # registers: no gain (MLA-128 B=64 ctx 4k 626 vs 425 us; more spills), dropped
     merge = _variants([("merge_chunk", (32, 128)), ("merge_dv", (16, 32, 64)),
                        ("merge_warps", (1, 2, 4))])
     points = [
