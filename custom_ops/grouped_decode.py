@@ -236,7 +236,8 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     * where a plan could be hoisted, ``benchmarks/results/bench_decode.md`` shows no GQA
       point where it is faster than this kernel by more than noise (0.99-1.01x), while
       for MLA it *is* faster at 128 heads (1.7-3.2x from context 32k or batch 16) and at
-      16 heads with batch 16 (1.3-1.6x) and batch 64-128 at context 4k (1.2x). Those are the shapes an engine that plans once per step outside the
+      16 heads with batch 16 (1.3-1.6x) and batch 64-128 at context 4k (1.2x). Those
+      are the shapes an engine that plans once per step outside the
       graph should route to ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):

@@ -152,12 +152,11 @@ RULES: dict[str, PrefillRule] = {
     # op runs outside CUDA graphs, though (it reads cu_seqlens on the host), and up to
     # about 2k tokens a call is host work: 260-300 us of launches and flashinfer's run()
     # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md).
-    # Over four runs on four hosts the absorbed form's calls were the faster ones at 16
-    # heads up to 2048 tokens (batches of up to 8 sequences; by 3-38% in three runs,
-    # within 8% either way in the fourth) and at 128 heads up to 470 tokens in up to 4
-    # sequences (in 3 or 4 runs of 4 at each point but one ragged 235-token batch, 2 of
-    # 4); from 4096 tokens at 16 heads and 512 at 128 heads the MHA form's smaller GPU
-    # time wins in every run.
+    # Over five runs on five hosts the absorbed form's calls were the faster ones at 16
+    # heads up to 2048 tokens (batches of up to 8 sequences) in most runs (one run: within
+    # 8% either way) and at 128 heads up to 470 tokens in up to 4 sequences (4 or 5 runs
+    # of 5 at each point but one ragged 235-token batch, 3 of 5). The MHA form wins in
+    # every run from 8192 tokens at 16 heads and 2048 at 128 heads; in between, in most.
     # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
     # slower.
     "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 480))),
