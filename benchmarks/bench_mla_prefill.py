@@ -127,10 +127,13 @@ def runner(inp, path):
                            inp["causal"], inp["topk_indices"])
 
 
-def op_call(inp, path):
+def op_call(inp, path, host_offsets=False):
+    """The op as a caller calls it; ``host_offsets``: cu_seqlens given as a CPU tensor (no
+    device read, no sync inside the call)."""
+    cu = inp["cu_seqlens"].cpu() if host_offsets else inp["cu_seqlens"]
     return lambda: torch.ops.attnfuse.mla_prefill(
         inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uk"], inp["w_uv"],
-        inp["cu_seqlens"], inp["max_seqlen"], inp["scale"], True, inp["topk_indices"],
+        cu, inp["max_seqlen"], inp["scale"], True, inp["topk_indices"],
         inp["topk_indices"] is not None, path)
 
 
@@ -411,7 +414,7 @@ def op_points():
     return pts
 
 
-def op_rounds() -> list[dict]:
+def op_rounds(name: str = "mla_prefill_op") -> list[dict]:
     """The whole op (``path`` auto / mha / absorbed) as a caller sees it: wall time per
     call, the paths alternating in rotated order over OP_ROUNDS rounds, median per path.
     ``replan_us``: the auto path with its flashinfer plan dropped before every call (the
@@ -423,6 +426,7 @@ def op_rounds() -> list[dict]:
         auto = auto_path(inp)
         paths = ["auto", "absorbed"] + (["mha"] if topk is None or max(lens) <= topk else [])
         fns = {p: op_call(inp, p) for p in paths}
+        fns.update({f"{p}_host": op_call(inp, p, host_offsets=True) for p in paths})
 
         def replan(f=fns["auto"]):
             mp.WRAPPERS._plan_keys.clear()
@@ -440,6 +444,7 @@ def op_rounds() -> list[dict]:
         # the fastest round of each: the least disturbed by other work on the host
         med = {p: min(v) for p, v in samples.items()}
         best = min(("mha", "absorbed"), key=lambda p: med.get(p, float("inf")))
+        best_host = min(("mha_host", "absorbed_host"), key=lambda p: med.get(p, float("inf")))
         row = dict(attention="dense" if topk is None else f"sparse{topk}", heads=H, batch=kind,
                    max_len=max(lens), tokens=sum(lens), auto=auto, best_op=best,
                    op_auto_us=med["auto"], op_mha_us=med.get("mha"),
@@ -448,17 +453,22 @@ def op_rounds() -> list[dict]:
                    auto_call_over_best=med["auto"] / med[best],
                    median_mha_us=statistics.median(samples["mha"]) if "mha" in samples else None,
                    median_absorbed_us=statistics.median(samples["absorbed"]),
-                   spread=max(max(v) / min(v) for v in samples.values()))
+                   spread=max(max(v) / min(v) for v in samples.values()),
+                   host_best=best_host[:-5], host_auto_us=med["auto_host"],
+                   host_mha_us=med.get("mha_host"), host_absorbed_us=med["absorbed_host"],
+                   host_auto_over_best=med[f"{auto}_host"] / med[best_host])
         rows.append(row)
         print(f"op {row['attention']:10s} H={H:3d} {kind:8s} L={max(lens):5d} auto={auto:8s} "
               f"auto {med['auto']:.0f} mha {_f(med.get('mha'))} abs {med['absorbed']:.0f} "
-              f"replan {med['replan']:.0f} -> {row['auto_over_best_op']:.3f}", flush=True)
+              f"replan {med['replan']:.0f} -> {row['auto_over_best_op']:.3f} | host offsets: "
+              f"mha {_f(med.get('mha_host'))} abs {med['absorbed_host']:.0f}", flush=True)
         del inp, fns
         torch.cuda.empty_cache()
-    write_results("mla_prefill_op", rows, ["attention", "heads", "batch", "max_len", "tokens",
+    write_results(name, rows, ["attention", "heads", "batch", "max_len", "tokens",
                   "auto", "best_op", "op_auto_us", "op_mha_us", "op_absorbed_us", "op_replan_us",
                   "auto_over_best_op", "auto_call_over_best", "median_mha_us", "median_absorbed_us",
-                  "spread"],
+                  "spread", "host_best", "host_auto_us", "host_mha_us", "host_absorbed_us",
+                  "host_auto_over_best"],
                   title="MLA prefill: the whole op, wall time per call (H100)",
                   notes=(f"Wall time per call of torch.ops.attnfuse.mla_prefill (host work, the "
                          f"host read of cu_seqlens and GPU time), path auto / mha / absorbed "
@@ -467,7 +477,10 @@ def op_rounds() -> list[dict]:
                          f"auto_over_best_op = the rule's form / the "
                          f"faster forced form; auto_call_over_best = the auto call itself / the "
                          f"faster forced form; op_replan_us = the auto call with its flashinfer "
-                         f"plan dropped before each call; spread = worst max/min over rounds."))
+                         f"plan dropped before each call; spread = worst max/min over rounds. "
+                         f"host_* columns: the same calls with cu_seqlens given as a CPU tensor "
+                         f"(no device read, so no sync inside a call: back-to-back calls queue, "
+                         f"and the time per call is the larger of host and GPU time)."))
     return rows
 
 
@@ -553,9 +566,9 @@ def summary(rows):
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1] == "--check-groups":
         check_groups()
-    elif len(sys.argv) == 2 and sys.argv[1] == "--op":
+    elif len(sys.argv) in (2, 3) and sys.argv[1] == "--op":  # --op [results name]
         print(env_info())
-        op_rounds()
+        op_rounds(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "--rescore":  # --rescore results.json copy_gbps
         rescored = rescore(sys.argv[2])
         restamp(_write(rescored, float(sys.argv[3]), 0), rescored[0])

@@ -42,8 +42,12 @@ chunk and runs two batched GEMMs with an fp32 softmax in plain torch (no sparse 
 for SM90 here: 10-70x slower than the MHA form where both apply). Where flashinfer is
 missing or does not support the shapes, and on CPU, both forms run in plain torch.
 
-The GPU back ends read ``cu_seqlens`` on the host (flashinfer's ``plan``), so a call
-synchronises once and is not CUDA-graph capturable; prefill runs outside graphs in
+The GPU back ends need the offsets on the host (flashinfer's ``plan``). Offsets given on
+the host cost nothing: ``cu_seqlens`` as a CPU tensor (serving engines keep one, e.g. a
+``query_start_loc_cpu``) or ``cu_seqlens=None`` for equal-length sequences of
+``max_seqlen`` tokens back to back (what ``mla_short_prefill`` emits for batched prompts).
+Offsets on the GPU are copied to the host, one synchronisation per call. Either way the
+op is not CUDA-graph capturable; prefill runs outside graphs in
 serving engines. The op carries ``torch.Tag.cudagraph_unsafe``: under
 ``mode="reduce-overhead"`` Inductor runs it outside the CUDA graph (graph partitions) or
 skips CUDA graphs for that graph, and a call made while a stream is capturing raises a
@@ -57,7 +61,9 @@ ckv : (T, R)                         latent of the attended tokens (same tokens 
 k_pe : (T, D_rope)                   RoPE key of the attended tokens, shared by all heads
 w_uk : (H, D_nope, R)                ``q_lat = q_nope @ w_uk`` (kv_b_proj's K rows)
 w_uv : (H, R, D_v)                   ``out = o_lat @ w_uv`` (kv_b_proj's V rows, transposed)
-cu_seqlens : (B + 1,) int32/int64    ragged batch: sequence b owns rows [cu[b], cu[b+1])
+cu_seqlens : (B + 1,) int32/int64 or None
+    ragged batch: sequence b owns rows [cu[b], cu[b+1]); on q's device or on the CPU
+    (no sync). None: T / max_seqlen sequences of exactly max_seqlen tokens.
 max_seqlen : int                     the longest sequence (``max(diff(cu_seqlens))``)
 scale : float                        softmax scale (1/sqrt(D_nope + D_rope) usually)
 causal : bool                        each query sees its sequence's tokens up to itself
@@ -149,7 +155,7 @@ RULES: dict[str, PrefillRule] = {
     # H100 (SM90), flashinfer fa3 for both forms, DeepSeek-V3 sizes, bf16. GPU time (CUDA
     # graphs): dense MHA beat dense absorbed at every measured point, 128 to 16k tokens,
     # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k). The
-    # op runs outside CUDA graphs, though (it reads cu_seqlens on the host), and up to
+    # op runs outside CUDA graphs, though (it plans from host offsets), and up to
     # about 2k tokens a call is host work: 260-300 us of launches and flashinfer's run()
     # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md).
     # Over five runs on five hosts the absorbed form's calls were the faster ones at 16
@@ -157,6 +163,9 @@ RULES: dict[str, PrefillRule] = {
     # 8% either way) and at 128 heads up to 470 tokens in up to 4 sequences (4 or 5 runs
     # of 5 at each point but one ragged 235-token batch, 3 of 5). The MHA form wins in
     # every run from 8192 tokens at 16 heads and 2048 at 128 heads; in between, in most.
+    # Run 9 also timed the calls with offsets on the host (no sync): there the absorbed
+    # form's calls were faster at 12 of the 13 points these rows cover (the 13th within
+    # 5%), so the rows hold for both kinds of offsets.
     # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
     # slower.
     "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 480))),
@@ -238,13 +247,20 @@ def validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale,
         raise ValueError(f"w_uk: expected shape ({H}, {d_nope}, {R}) = (heads, D_nope, R), got {_shape(w_uk)}")
     if w_uv.shape[0] != H or w_uv.shape[1] != R:
         raise ValueError(f"w_uv: expected shape ({H}, {R}, D_v) = (heads, R, D_v), got {_shape(w_uv)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of batch + 1 >= 2 entries, "
-                         f"got shape {_shape(cu_seqlens)} dtype {cu_seqlens.dtype}")
-    if cu_seqlens.device != q_nope.device:
-        raise ValueError(f"cu_seqlens: expected device {q_nope.device}, got {cu_seqlens.device}")
     if not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"max_seqlen: expected a positive int, got {max_seqlen!r}")
+    if cu_seqlens is None:
+        if T % max_seqlen:
+            raise ValueError(f"cu_seqlens: None means sequences of max_seqlen = {max_seqlen} "
+                             f"tokens each, but {T} tokens are not a multiple of it")
+    else:
+        if (cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+                or cu_seqlens.dtype not in _INDEX_DTYPES):
+            raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of batch + 1 >= 2 "
+                             f"entries, got shape {_shape(cu_seqlens)} dtype {cu_seqlens.dtype}")
+        if cu_seqlens.device != q_nope.device and cu_seqlens.device.type != "cpu":
+            raise ValueError(f"cu_seqlens: expected device {q_nope.device} or the CPU, "
+                             f"got {cu_seqlens.device}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a finite positive float, got {scale!r}")
     if path not in PATHS:
@@ -262,10 +278,25 @@ def validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale,
         if path == "mha" and max_seqlen > topk_indices.shape[1]:
             raise ValueError(f"path: 'mha' on a sparse call needs max_seqlen <= K = "
                              f"{topk_indices.shape[1]}, got max_seqlen {max_seqlen}")
-    # Host-side metadata checks: cheap on CPU; on GPU they would cost a sync on their own,
-    # so they ride on the one the GPU back ends already pay (see _host_seqlens).
+    # Host-side metadata checks: cheap for offsets on the host; offsets on the GPU are
+    # checked once read (the read the GPU back ends need anyway), in prepare_path.
+    if cu_seqlens is None or cu_seqlens.device.type == "cpu":
+        _check_seqlens(host_offsets(cu_seqlens, T, max_seqlen), T, max_seqlen)
+
+
+def host_offsets(cu_seqlens: torch.Tensor | None, num_tokens: int,
+                 max_seqlen: int) -> list[int] | None:
+    """The offsets as host ints where that needs no device read (CPU tensor, or None for
+    equal-length sequences); None for offsets that live on the GPU."""
+    if cu_seqlens is None:
+        return list(range(0, num_tokens + 1, max_seqlen)) if num_tokens else [0, 0]
     if cu_seqlens.device.type == "cpu":
-        _check_seqlens(cu_seqlens.tolist(), T, max_seqlen)
+        return cu_seqlens.tolist()
+    return None
+
+
+def _num_seqs(cu_seqlens: torch.Tensor | None, num_tokens: int, max_seqlen: int) -> int:
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else max(num_tokens // max_seqlen, 1)
 
 
 def _check_seqlens(cu: list[int], num_tokens: int, max_seqlen: int) -> None:
@@ -289,7 +320,7 @@ def mla_prefill_reference(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_s
     v = torch.einsum("tr,hrv->thv", c, w_uv.to(f))
     T, H, _ = q_nope.shape
     out = torch.zeros(T, H, v.shape[-1], dtype=f, device=q_nope.device)
-    cu = cu_seqlens.tolist()
+    cu = host_offsets(cu_seqlens, T, max_seqlen) or cu_seqlens.tolist()
     for start, end in zip(cu[:-1], cu[1:]):
         if end == start:
             continue
@@ -420,9 +451,11 @@ class FlashinferWrappers:
     """flashinfer wrappers kept for reuse, one per (device, stream, kind, slot).
 
     Building a wrapper allocates its workspaces and pinned host buffers (about 0.5 ms per
-    call measured on H100), so calls reuse them, as serving engines do. A wrapper is only
-    re-planned on the stream that owns it, after the op's host read of ``cu_seqlens``
-    has synchronised that stream, so a plan never overwrites buffers a pending run reads.
+    call measured on H100), so calls reuse them, as serving engines do. A plan writes the
+    wrapper's pinned host buffer and queues its copy to the GPU; re-planning a wrapper
+    therefore first waits for the stream that owns it (a pending copy or run of the old
+    plan must not see the new one). That is one wait per new batch layout: offsets given
+    on the host otherwise never make the op wait.
 
     flashinfer plans once per batch layout and then runs any number of times with that
     plan (serving engines plan once per forward for all layers). ``planned`` does the same
@@ -446,11 +479,15 @@ class FlashinferWrappers:
         """The wrapper of ``(kind, device, stream, slot)``, planned for ``plan_key``:
         ``plan(wrapper)`` runs unless its last plan had the same key."""
         key = self._slot_key(kind, device, slot)
-        if key not in self._wrappers:
+        fresh = key not in self._wrappers
+        if fresh:
             self._wrappers[key] = build()
         wrapper = self._wrappers[key]
         if self._plan_keys.get(key) != plan_key:
             self._plan_keys.pop(key, None)  # a plan that raises leaves no key behind
+            if not fresh and device.type == "cuda":
+                # an old plan's host-to-device copy and runs may still be queued
+                torch.cuda.current_stream(device).synchronize()
             plan(wrapper)
             self._plan_keys[key] = plan_key
         return wrapper
@@ -630,7 +667,8 @@ def mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen, topk
     if path != "auto":
         return path
     return choose_path(
-        num_tokens=q_nope.shape[0], num_heads=q_nope.shape[1], num_seqs=cu_seqlens.shape[0] - 1,
+        num_tokens=q_nope.shape[0], num_heads=q_nope.shape[1],
+        num_seqs=_num_seqs(cu_seqlens, q_nope.shape[0], max_seqlen),
         qk_nope_dim=q_nope.shape[2],
         rope_dim=q_pe.shape[2], v_head_dim=w_uv.shape[2], element_size=q_nope.element_size(),
         max_seqlen=max_seqlen, topk=None if topk_indices is None else topk_indices.shape[1],
@@ -642,11 +680,14 @@ def _per_token_kv_bytes(q_nope, q_pe, w_uv) -> int:
                                  w_uv.shape[2], q_nope.element_size())
 
 
-def start_host_read(cu_seqlens: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying ``cu_seqlens`` to the host; the returned function waits for the copy
-    only (not for GPU work queued after it) and gives the offsets as ints."""
-    if not cu_seqlens.is_cuda:
-        return cu_seqlens.tolist
+def start_host_read(cu_seqlens: torch.Tensor | None, num_tokens: int,
+                    max_seqlen: int) -> Callable[[], list[int]]:
+    """The offsets as host ints, through the returned function: at once where they are
+    on the host already (``host_offsets``); else a copy of ``cu_seqlens`` to the host
+    starts now and the function waits for that copy only (not for GPU work queued after)."""
+    known = host_offsets(cu_seqlens, num_tokens, max_seqlen)
+    if known is not None or not cu_seqlens.is_cuda:
+        return lambda: known if known is not None else cu_seqlens.tolist()
     host = torch.empty(cu_seqlens.shape, dtype=cu_seqlens.dtype, pin_memory=True)
     host.copy_(cu_seqlens, non_blocking=True)
     copied = torch.cuda.Event()
@@ -679,9 +720,9 @@ def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_se
     ``cu``: the offsets already read to the host (else read here); ``early``: what
     ``early_work`` launched for this call (the callable then runs once)."""
     if cu is None:
-        cu = cu_seqlens.tolist()
+        cu = host_offsets(cu_seqlens, q_nope.shape[0], max_seqlen) or cu_seqlens.tolist()
     early = early or {}
-    if q_nope.is_cuda:
+    if cu_seqlens is not None and cu_seqlens.is_cuda:  # read from the GPU: not checked yet
         _check_seqlens(cu, q_nope.shape[0], max_seqlen)
     args = (q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
     if chosen == "mha":
@@ -712,7 +753,7 @@ def _stream_capturing(t: torch.Tensor) -> bool:
 
 
 def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_pe: torch.Tensor,
-                w_uk: torch.Tensor, w_uv: torch.Tensor, cu_seqlens: torch.Tensor,
+                w_uk: torch.Tensor, w_uv: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                 max_seqlen: int, scale: float, causal: bool = True,
                 topk_indices: Optional[torch.Tensor] = None, topk_covers_visible: bool = False,
                 path: str = "auto") -> torch.Tensor:
@@ -727,7 +768,7 @@ def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_
                               topk_indices, topk_covers_visible, path)
     # the host read of cu_seqlens waits for the GPU work queued before this call; the
     # work queued after it (early_work) runs while the host plans
-    read_offsets = start_host_read(cu_seqlens)
+    read_offsets = start_host_read(cu_seqlens, q_nope.shape[0], max_seqlen)
     early = early_work(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, topk_indices)
     out = prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen,
                        scale, causal, topk_indices, cu=read_offsets(), early=early)()
@@ -756,7 +797,7 @@ def _(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal
                  lambda: f"w_uk: expected ({H}, {d_nope}, {ckv.shape[1]}), got {tuple(w_uk.shape)}")
     torch._check(w_uv.shape[0] == H and w_uv.shape[1] == ckv.shape[1],
                  lambda: f"w_uv: expected ({H}, {ckv.shape[1]}, D_v), got {tuple(w_uv.shape)}")
-    torch._check(cu_seqlens.dim() == 1, lambda: "cu_seqlens: expected 1-D")
+    torch._check(cu_seqlens is None or cu_seqlens.dim() == 1, lambda: "cu_seqlens: expected 1-D")
     if topk_indices is not None:
         torch._check(topk_indices.dim() == 2 and topk_indices.shape[0] == T,
                      lambda: f"topk_indices: expected ({T}, K), got {tuple(topk_indices.shape)}")

@@ -167,7 +167,7 @@ workspace_overlap: 0
 - aten.sum.dim_IntList x1
 - aten.unsqueeze x2
 - aten.where.self x1
-- prims.iota x1
+- prims.iota x2
 + aten.lt.Scalar x1
 + aten.squeeze.dim x1
 + attnfuse.mla_prefill x1

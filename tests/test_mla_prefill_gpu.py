@@ -51,3 +51,27 @@ def test_op_forms_match_reference_across_calls_and_layouts(H):
             out = torch.ops.attnfuse.mla_prefill(*args, True, None, False, path)
             err = (out.float() - ref).abs().max().item()
             assert err <= tol, (path, lens, err, tol)
+
+
+@pytest.mark.parametrize("H", [16, 128])
+def test_host_offsets_need_no_sync_and_replan_safely(H):
+    """Offsets on the host (a CPU cu_seqlens, or None for equal lengths) let calls queue
+    without waiting for the GPU; alternating layouts re-plan the same wrappers, which must
+    wait for the old plan's queued runs (else a run would read the next layout's plan)."""
+    if mp._flashinfer() is None:
+        pytest.skip("flashinfer is not installed")
+    layouts = ([1, 37, 262, 100], [300, 5], [128, 128])
+    calls = []
+    for seed in range(6):
+        lens = layouts[seed % len(layouts)]
+        args = list(_inputs(lens, H, seed))
+        args[6] = None if len(set(lens)) == 1 else args[6].cpu()
+        calls.append((args, mp.mla_prefill_reference(*args, True).float()))
+    for path in ("auto", "mha", "absorbed"):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # keep the GPU busy: the calls below queue behind it
+        outs = [torch.ops.attnfuse.mla_prefill(*args, True, None, False, path) for args, _ in calls]
+        for (args, ref), out in zip(calls, outs):
+            tol = BF16_REL_TOL * max(ref.abs().max().item(), 1.0)
+            err = (out.float() - ref).abs().max().item()
+            assert err <= tol, (path, args[7], err, tol)

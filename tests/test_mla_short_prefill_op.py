@@ -208,6 +208,41 @@ def test_bad_input_raises_value_error(changes, match):
         call(_bad(**changes), covers=False)
 
 
+@pytest.mark.parametrize("path", ["auto", "mha", "absorbed"])
+def test_equal_length_batch_needs_no_offsets_tensor(path):
+    """cu_seqlens=None (what mla_short_prefill emits): T / max_seqlen sequences of
+    max_seqlen tokens, the same attention as the explicit offsets."""
+    inp = make([4, 4, 4], seed=3)
+    with_offsets = call(inp, path)
+    inp["cu_seqlens"] = None
+    torch.testing.assert_close(call(inp, path), with_offsets, atol=0, rtol=0)
+    torch.testing.assert_close(reference(inp), reference({**inp, "cu_seqlens": make([4, 4, 4])["cu_seqlens"]}))
+    assert mp.mla_prefill_path(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uv"], None,
+                               4, None, False) in ("mha", "absorbed")
+
+
+def test_offsets_validation_without_offsets_tensor():
+    inp = make([4, 4, 4])
+    inp["cu_seqlens"] = None
+    inp["max_seqlen"] = 5
+    with pytest.raises(ValueError, match="12 tokens are not a multiple of it"):
+        call(inp)
+    # offsets on another device than q's and not on the CPU (a call with a meta tensor
+    # would dispatch to the fake kernel, so the check is called directly)
+    inp = make([3, 2])
+    inp["cu_seqlens"] = inp["cu_seqlens"].to("meta")
+    with pytest.raises(ValueError, match="cu_seqlens: expected device cpu or the CPU, got meta"):
+        mp.validate(*(inp[k] for k in ("q_nope", "q_pe", "ckv", "k_pe", "w_uk", "w_uv", "cu_seqlens",
+                                       "max_seqlen", "scale")), True, None, False, "auto")
+
+
+def test_host_offsets_known_without_a_device_read():
+    assert mp.host_offsets(None, 12, 4) == [0, 4, 8, 12]
+    assert mp.host_offsets(None, 0, 4) == [0, 0]
+    assert mp.host_offsets(torch.tensor([0, 2, 7]), 7, 5) == [0, 2, 7]
+    assert mp.host_offsets(torch.tensor([0, 2, 7], device="meta"), 7, 5) is None
+
+
 def test_bad_path_raises_value_error():
     with pytest.raises(ValueError, match="path: expected one of"):
         call(make([3]), "fastest")
