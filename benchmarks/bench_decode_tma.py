@@ -171,24 +171,29 @@ def stage1_tma(
         tl.store(PartialLse + b.to(tl.int64) * stride_plb + heads * stride_plh + split, lse, mask=head_ok)
 
 
+def _op_plan(q, k, v, table, lens, scale, v_head_dim, **cfg):
+    """The op's settings and launches (stage 1, stage 2) for one paged or static call."""
+    paged = table is not None
+    B, Hq, Dk = q.shape
+    hkv = k.shape[2] if paged else k.shape[1]
+    cap = table.shape[1] * k.shape[1] if paged else k.shape[2]
+    over = {kk: vv for kk, vv in cfg.items() if vv is not None}
+    config = decode_settings(batch=B, num_kv_heads=hkv, group_size=Hq // hkv, head_dim_k=Dk, capacity=cap,
+                             device=q.device, paged=paged, **over)
+    out, _, config, launches = plan_grouped_decode(
+        q, k, v, block_table=table, seq_lens=lens, mask=None, mask_is_bool=False, scale=scale,
+        softcap=0.0, window=-1, k_scale=None, v_scale=None, v_head_dim=v_head_dim,
+        empty=lambda s, d: torch.empty(s, dtype=d, device=q.device), config=config)
+    return out, config, launches
+
+
 def tma_call(q, k, v, table, lens, scale, v_head_dim=None, q_tma=False, ws=False, **cfg):
     """Returns fn() running TMA stage 1 (+ the package's stage 2)."""
     paged = table is not None
     shared = v is None
     B, Hq, Dk = q.shape
-    if paged:
-        page, hkv = k.shape[1], k.shape[2]
-        cap = table.shape[1] * page
-    else:
-        page, hkv, cap = 1, k.shape[1], k.shape[2]
-    over = {kk: vv for kk, vv in cfg.items() if vv is not None}
-    config = decode_settings(batch=B, num_kv_heads=hkv, group_size=Hq // hkv, head_dim_k=Dk, capacity=cap,
-                             device=q.device, paged=paged, **over)
-    dummy_lens = lens
-    _, _, config, launches = plan_grouped_decode(
-        q, k, v, block_table=table, seq_lens=dummy_lens, mask=None, mask_is_bool=False, scale=scale,
-        softcap=0.0, window=-1, k_scale=None, v_scale=None, v_head_dim=v_head_dim,
-        empty=lambda s, d: torch.empty(s, dtype=d, device=q.device), config=config)
+    page, hkv = (k.shape[1], k.shape[2]) if paged else (1, k.shape[1])
+    _, config, launches = _op_plan(q, k, v, table, lens, scale, v_head_dim, **cfg)
     a = launches[0].args
     partial_out, partial_lse, out, lse = a[8], a[9], a[10], a[11]
     head_dv = v_head_dim if shared else v.shape[-1]
@@ -229,20 +234,7 @@ def tma_call(q, k, v, table, lens, scale, v_head_dim=None, q_tma=False, ws=False
 
 
 def ptr_call(q, k, v, table, lens, scale, v_head_dim=None, **cfg):
-    paged = table is not None
-    B, Hq, Dk = q.shape
-    if paged:
-        page, hkv = k.shape[1], k.shape[2]
-        cap = table.shape[1] * page
-    else:
-        page, hkv, cap = 1, k.shape[1], k.shape[2]
-    over = {kk: vv for kk, vv in cfg.items() if vv is not None}
-    config = decode_settings(batch=B, num_kv_heads=hkv, group_size=Hq // hkv, head_dim_k=Dk, capacity=cap,
-                             device=q.device, paged=paged, **over)
-    out, _, config, launches = plan_grouped_decode(
-        q, k, v, block_table=table, seq_lens=lens, mask=None, mask_is_bool=False, scale=scale,
-        softcap=0.0, window=-1, k_scale=None, v_scale=None, v_head_dim=v_head_dim,
-        empty=lambda s, d: torch.empty(s, dtype=d, device=q.device), config=config)
+    out, config, launches = _op_plan(q, k, v, table, lens, scale, v_head_dim, **cfg)
 
     def run():
         for l in launches:
