@@ -766,8 +766,9 @@ def _mla_prefill(q_nope: torch.Tensor, q_pe: torch.Tensor, ckv: torch.Tensor, k_
              topk_indices, topk_covers_visible, path)
     chosen = mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen,
                               topk_indices, topk_covers_visible, path)
-    # the host read of cu_seqlens waits for the GPU work queued before this call; the
-    # work queued after it (early_work) runs while the host plans
+    # offsets on the GPU: their host read waits for the GPU work queued before this call,
+    # and the work queued after it (early_work) runs while the host plans; offsets on the
+    # host (CPU tensor, or None) are known at once and nothing waits
     read_offsets = start_host_read(cu_seqlens, q_nope.shape[0], max_seqlen)
     early = early_work(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, topk_indices)
     out = prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen,
