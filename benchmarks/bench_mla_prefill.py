@@ -7,7 +7,8 @@ attention and DeepSeek-V3.2 sparse attention (top-k 2048; a query with at most k
 tokens lists all of them, so the MHA form is exact there).
 
 Forms timed (``attnfuse.custom_ops.mla_prefill``):
-  mha        kv_b_proj decompression (2 GEMMs) + flashinfer ragged prefill, fa3 (192, 128)
+  mha        kv_b_proj decompression (a batched GEMM each for K and V, written in place)
+             + flashinfer ragged prefill, fa3 (192, 128)
   absorbed   dense: W_UK bmm + flashinfer BatchMLAPagedAttentionWrapper (fa3, page 1) + W_UV
              sparse: W_UK bmm + torch gather of the top-k latents per 256-query chunk,
              bmm / fp32 softmax / bmm + W_UV (plain torch; no sparse MLA kernel on SM90 here)
@@ -16,13 +17,17 @@ outside timing, as serving engines do per batch); ``op`` times the whole custom 
 (plan + the host read of cu_seqlens included) for single sequences.
 
 Floor per point: max(FLOPs / 989 TFLOP/s dense bf16 peak, bytes / measured copy bandwidth);
-FLOPs count causal pairs only. Run: ``python benchmarks/bench_mla_prefill.py``.
+FLOPs count causal pairs only. Run: ``python benchmarks/bench_mla_prefill.py`` (the sweep);
+``--op [NAME]``: the whole op, automatic choice against both forced forms, offsets on the GPU
+and on the host; ``--decompress``: the MHA form's decompression against two GEMMs + concat.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -137,9 +142,11 @@ def op_call(inp, path, host_offsets=False):
         inp["topk_indices"] is not None, path)
 
 
-def auto_path(inp):
+def auto_path(inp, host_offsets=False):
+    """The form the op's rule picks (offsets on the GPU, or on the host: the rule may differ)."""
+    cu = inp["cu_seqlens"].cpu() if host_offsets else inp["cu_seqlens"]
     return mp.mla_prefill_path(inp["q_nope"], inp["q_pe"], inp["ckv"], inp["k_pe"], inp["w_uv"],
-                               inp["cu_seqlens"], inp["max_seqlen"], inp["topk_indices"],
+                               cu, inp["max_seqlen"], inp["topk_indices"],
                                inp["topk_indices"] is not None, "auto")
 
 
@@ -378,14 +385,18 @@ def check_groups():
                   title="MLA prefill: MHA form in budget groups (H100)")
 
 
-#: op-level comparison: rounds per point (paths alternate in rotated order each round) and
+#: op-level comparison: rounds per point (the paths in a fresh random order each round) and
 #: the wall time each path is run for per round
-OP_ROUNDS, OP_ROUND_MS = 9, 25
+OP_ROUNDS, OP_ROUND_MS = 25, 12
+#: rounds of the re-planning call, timed after the others (it leaves the GPU idle between
+#: its calls, which must not precede the calls compared)
+REPLAN_ROUNDS = 5
 
 
 def _wall_us(fn, ms: float) -> float:
-    """Wall time per call of ``fn`` over about ``ms`` milliseconds, the GPU waited for:
-    the op synchronises inside (host read of cu_seqlens), so its cost is host + GPU."""
+    """Wall time per call of ``fn`` over about ``ms`` milliseconds, the GPU waited for
+    (a call with offsets on the GPU synchronises inside: host + GPU time; with offsets on
+    the host calls queue: the larger of the two)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -399,31 +410,96 @@ def _wall_us(fn, ms: float) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+class QuietHost:
+    """While timing host-bound calls: one CPU core (no migrations; not core 0, where
+    interrupts land) and no garbage collection pauses."""
+
+    def __enter__(self):
+        self.cores = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {max(self.cores)})
+        gc.collect()
+        gc.disable()
+        return self
+
+    def __exit__(self, *exc):
+        gc.enable()
+        os.sched_setaffinity(0, self.cores)
+
+
 def op_points():
     """Where the two forms are close enough that the op's choice can matter (short and
     mid lengths), plus a long point per head count as a control."""
     pts = []
     for H in HEADS:
-        for L in (128, 256, 512, 1024, 2048, 8192):
+        for L in (128, 256, 512, 1024, 2048, 4096, 8192):
             pts.append((H, "single", [L], None))
-        for L in (128, 256, 512, 1024):
+        for L in (128, 256, 512, 1024, 2048):
             pts.append((H, "ragged", [L, max(1, L // 3), 1, max(1, L // 2)], None))
-            pts.append((H, "uniform8", [L] * 8, None))
+            if L <= 1024:
+                pts.append((H, "uniform8", [L] * 8, None))
         for L in (128, 1024, 2048):
             pts.append((H, "single", [L], TOPK))
     return pts
 
 
+def steal_ms() -> float:
+    """CPU time the hypervisor took from this VM so far (all cores; /proc/stat's steal
+    column, in clock ticks), in milliseconds; 0 where it is not reported."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1e3 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _op_row(H, kind, lens, topk, auto, auto_host, samples) -> dict:
+    """One point's statistics: per call the median round (primary) and the fastest round;
+    the rule's form against the faster forced form, for offsets on the GPU and on the host."""
+    med = {p: statistics.median(v) for p, v in samples.items()}
+    fast = {p: min(v) for p, v in samples.items()}
+
+    def best(stat, suffix=""):
+        return min(("mha", "absorbed"), key=lambda p: stat.get(p + suffix, float("inf")))
+
+    b, bh, bf = best(med), best(med, "_host"), best(fast)
+    return dict(
+        attention="dense" if topk is None else f"sparse{topk}", heads=H, batch=kind,
+        max_len=max(lens), tokens=sum(lens), auto=auto, best_op=b,
+        op_auto_us=med["auto"], op_mha_us=med.get("mha"), op_absorbed_us=med["absorbed"],
+        auto_over_best_op=med[auto] / med[b], auto_call_over_best=med["auto"] / med[b],
+        auto_host=auto_host, host_best=bh, host_auto_us=med["auto_host"],
+        host_mha_us=med.get("mha_host"), host_absorbed_us=med["absorbed_host"],
+        host_auto_over_best=med[f"{auto_host}_host"] / med[f"{bh}_host"],
+        host_auto_call_over_best=med["auto_host"] / med[f"{bh}_host"],
+        fastest_auto_over_best=fast[auto] / fast[bf],
+        fastest_host_auto_over_best=fast[f"{auto_host}_host"] / min(
+            fast.get("mha_host", float("inf")), fast["absorbed_host"]),
+        same_code_gap=max(abs(med["auto"] / med[auto] - 1),
+                          abs(med["auto_host"] / med[f"{auto_host}_host"] - 1)),
+        op_replan_us=med["replan"],
+        spread=max(max(v) / min(v) for v in samples.values()))
+
+
+OP_COLUMNS = ["attention", "heads", "batch", "max_len", "tokens", "auto", "best_op", "op_auto_us",
+              "op_mha_us", "op_absorbed_us", "auto_over_best_op", "auto_call_over_best",
+              "auto_host", "host_best", "host_auto_us", "host_mha_us", "host_absorbed_us",
+              "host_auto_over_best",
+              "host_auto_call_over_best", "fastest_auto_over_best", "fastest_host_auto_over_best",
+              "same_code_gap", "op_replan_us", "spread", "steal_ms"]
+
+
 def op_rounds(name: str = "mla_prefill_op") -> list[dict]:
     """The whole op (``path`` auto / mha / absorbed) as a caller sees it: wall time per
-    call, the paths alternating in rotated order over OP_ROUNDS rounds, median per path.
-    ``replan_us``: the auto path with its flashinfer plan dropped before every call (the
-    cost the plan-once reuse saves: layers after the first reuse the plan)."""
+    call, the paths in a fresh random order in each of OP_ROUNDS rounds; per path the median
+    round. ``*_host``: the same calls with cu_seqlens as a CPU tensor. ``replan``: the auto
+    path with its flashinfer plan dropped before every call (the cost the plan-once reuse
+    saves: layers after the first reuse the plan)."""
     warm_up()
     rows = []
     for H, kind, lens, topk in op_points():
         inp = make_inputs(lens, H, topk)
-        auto = auto_path(inp)
+        auto, auto_host = auto_path(inp), auto_path(inp, host_offsets=True)
         paths = ["auto", "absorbed"] + (["mha"] if topk is None or max(lens) <= topk else [])
         fns = {p: op_call(inp, p) for p in paths}
         fns.update({f"{p}_host": op_call(inp, p, host_offsets=True) for p in paths})
@@ -432,56 +508,78 @@ def op_rounds(name: str = "mla_prefill_op") -> list[dict]:
             mp.WRAPPERS._plan_keys.clear()
             return f()
 
-        fns["replan"] = replan
         for f in fns.values():
             f()
         samples = {p: [] for p in fns}
         names = list(fns)
-        for r in range(OP_ROUNDS):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for p in order:
-                samples[p].append(_wall_us(fns[p], OP_ROUND_MS))
-        # the fastest round of each: the least disturbed by other work on the host
-        med = {p: min(v) for p, v in samples.items()}
-        best = min(("mha", "absorbed"), key=lambda p: med.get(p, float("inf")))
-        best_host = min(("mha_host", "absorbed_host"), key=lambda p: med.get(p, float("inf")))
-        row = dict(attention="dense" if topk is None else f"sparse{topk}", heads=H, batch=kind,
-                   max_len=max(lens), tokens=sum(lens), auto=auto, best_op=best,
-                   op_auto_us=med["auto"], op_mha_us=med.get("mha"),
-                   op_absorbed_us=med["absorbed"], op_replan_us=med["replan"],
-                   auto_over_best_op=med[auto] / med[best],
-                   auto_call_over_best=med["auto"] / med[best],
-                   median_mha_us=statistics.median(samples["mha"]) if "mha" in samples else None,
-                   median_absorbed_us=statistics.median(samples["absorbed"]),
-                   spread=max(max(v) / min(v) for v in samples.values()),
-                   host_best=best_host[:-5], host_auto_us=med["auto_host"],
-                   host_mha_us=med.get("mha_host"), host_absorbed_us=med["absorbed_host"],
-                   host_auto_over_best=med[f"{auto}_host"] / med[best_host])
+        shuffle = random.Random(len(rows)).shuffle
+        stolen = steal_ms()
+        with QuietHost():
+            for _ in range(OP_ROUNDS):  # a fresh random order each round: no fixed neighbours
+                shuffle(names)
+                for p in names:
+                    samples[p].append(_wall_us(fns[p], OP_ROUND_MS))
+            samples["replan"] = [_wall_us(replan, OP_ROUND_MS) for _ in range(REPLAN_ROUNDS)]
+        row = _op_row(H, kind, lens, topk, auto, auto_host, samples)
+        row["steal_ms"] = steal_ms() - stolen
         rows.append(row)
         print(f"op {row['attention']:10s} H={H:3d} {kind:8s} L={max(lens):5d} auto={auto:8s} "
-              f"auto {med['auto']:.0f} mha {_f(med.get('mha'))} abs {med['absorbed']:.0f} "
-              f"replan {med['replan']:.0f} -> {row['auto_over_best_op']:.3f} | host offsets: "
-              f"mha {_f(med.get('mha_host'))} abs {med['absorbed_host']:.0f}", flush=True)
+              f"mha {_f(row['op_mha_us'])} abs {row['op_absorbed_us']:.0f} -> "
+              f"{row['auto_over_best_op']:.3f} | host offsets ({auto_host}): mha {_f(row['host_mha_us'])} "
+              f"abs {row['host_absorbed_us']:.0f} -> {row['host_auto_over_best']:.3f} | "
+              f"same-code gap {row['same_code_gap']:.3f} steal {row['steal_ms']:.0f} ms", flush=True)
         del inp, fns
         torch.cuda.empty_cache()
-    write_results(name, rows, ["attention", "heads", "batch", "max_len", "tokens",
-                  "auto", "best_op", "op_auto_us", "op_mha_us", "op_absorbed_us", "op_replan_us",
-                  "auto_over_best_op", "auto_call_over_best", "median_mha_us", "median_absorbed_us",
-                  "spread", "host_best", "host_auto_us", "host_mha_us", "host_absorbed_us",
-                  "host_auto_over_best"],
+    write_results(name, rows, OP_COLUMNS,
                   title="MLA prefill: the whole op, wall time per call (H100)",
-                  notes=(f"Wall time per call of torch.ops.attnfuse.mla_prefill (host work, the "
-                         f"host read of cu_seqlens and GPU time), path auto / mha / absorbed "
-                         f"forced, alternating in rotated order over {OP_ROUNDS} rounds of "
-                         f"{OP_ROUND_MS} ms; the fastest round of each (median_* = the median round). "
-                         f"auto_over_best_op = the rule's form / the "
-                         f"faster forced form; auto_call_over_best = the auto call itself / the "
-                         f"faster forced form; op_replan_us = the auto call with its flashinfer "
-                         f"plan dropped before each call; spread = worst max/min over rounds. "
-                         f"host_* columns: the same calls with cu_seqlens given as a CPU tensor "
-                         f"(no device read, so no sync inside a call: back-to-back calls queue, "
-                         f"and the time per call is the larger of host and GPU time)."))
+                  notes=(f"Wall time per call of torch.ops.attnfuse.mla_prefill, path auto / mha / "
+                         f"absorbed forced, in a fresh random order in each of {OP_ROUNDS} rounds of "
+                         f"{OP_ROUND_MS} ms on one pinned CPU core with garbage collection off; "
+                         f"the median round of each (fastest_* = the fastest round). op_* columns: "
+                         f"cu_seqlens on the GPU (one sync per call: host work + GPU time); host_* "
+                         f"columns: cu_seqlens as a CPU tensor (no sync: calls queue, the time per "
+                         f"call is the larger of host and GPU time; auto_host = the rule's form for "
+                         f"such calls). auto_over_best = the rule's "
+                         f"form / the faster forced form; auto_call_over_best = the auto call itself "
+                         f"/ the faster forced form; same_code_gap = how far the auto call and the "
+                         f"forced call of the same form (identical work) differ, the resolution of "
+                         f"the run; op_replan_us = the auto call with its flashinfer plan dropped "
+                         f"before each call ({REPLAN_ROUNDS} rounds after the others); spread = "
+                         f"worst max/min over rounds; steal_ms = CPU time the hypervisor took from "
+                         f"the VM (all cores) while the point was timed."))
     return rows
+
+
+def _decompress_two_gemms(ckv, k_pe, w_uk, w_uv):
+    """The MHA form's decompression before it wrote in place: a GEMM each against the
+    flattened weights (a copy of them where they are strided views) and a concatenation."""
+    H, d_nope, R = w_uk.shape
+    d_v = w_uv.shape[2]
+    k_nope = (ckv @ w_uk.reshape(H * d_nope, R).t()).view(-1, H, d_nope)
+    v = (ckv @ w_uv.transpose(1, 2).reshape(H * d_v, R).t()).view(-1, H, d_v)
+    return torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1), v
+
+
+def decompress_timing():
+    """GPU time (CUDA graphs) of ``mp.decompress_kv`` against two GEMMs + concatenation,
+    with contiguous weights and with kv_b_proj's strided views (as SGLang and HF hold them)."""
+    print("| H | T | weights | two_gemms_us | in_place_us | ratio | max_abs_diff |")
+    print("|---|---|---|---|---|---|---|")
+    for H in HEADS:
+        w = torch.randn(H, D_NOPE + D_V, R, device="cuda", dtype=torch.bfloat16) / R ** 0.5
+        layouts = {"contiguous": (w[:, :D_NOPE].contiguous(), w[:, D_NOPE:].contiguous().transpose(1, 2)),
+                   "kv_b_proj view": (w[:, :D_NOPE], w[:, D_NOPE:].transpose(1, 2))}
+        for T in (128, 512, 2048, 16384):
+            ckv = torch.randn(T, R, device="cuda", dtype=torch.bfloat16)
+            k_pe = torch.randn(T, D_ROPE, device="cuda", dtype=torch.bfloat16)
+            for name, (w_uk, w_uv) in layouts.items():
+                before = _decompress_two_gemms(ckv, k_pe, w_uk, w_uv)
+                after = mp.decompress_kv(ckv, k_pe, w_uk, w_uv)
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(before, after))
+                t0 = bench_us(lambda: _decompress_two_gemms(ckv, k_pe, w_uk, w_uv), cuda_graph=True)
+                t1 = bench_us(lambda: mp.decompress_kv(ckv, k_pe, w_uk, w_uv), cuda_graph=True)
+                print(f"| {H} | {T} | {name} | {t0:.1f} | {t1:.1f} | {t1 / t0:.2f} | {diff:.3f} |",
+                      flush=True)
 
 
 def rescore(path):
@@ -528,7 +626,7 @@ every point in GPU time (*_graph_us, CUDA graphs: 1.2x at 128 tokens x 16 heads 
 CUDA graphs, and up to about 2k tokens its calls are host-bound (260-300 us of host work for
 either form against 20-100 us of kernels); there the absorbed form's calls measured faster, so
 the rule takes the absorbed form for dense calls of at most 2048 tokens (8 sequences) at 16 heads
-and 480 tokens (4 sequences) at 128 heads, MHA for the others whose decompressed K/V fit 2 GiB
+and 512 tokens (4 sequences) at 128 heads, MHA for the others whose decompressed K/V fit 2 GiB
 (mla_prefill_op.md: whole-op wall times over five runs; the auto column here is rescored with
 that rule). Sparse (top-k 2048): the MHA form is exact only up to k tokens (covering indices)
 and there beats the absorbed form (torch gather + bmm) by 10x to 70x; past k only the absorbed
@@ -566,6 +664,9 @@ def summary(rows):
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1] == "--check-groups":
         check_groups()
+    elif len(sys.argv) == 2 and sys.argv[1] == "--decompress":
+        print(env_info())
+        decompress_timing()
     elif len(sys.argv) in (2, 3) and sys.argv[1] == "--op":  # --op [results name]
         print(env_info())
         op_rounds(*sys.argv[2:])

@@ -28,9 +28,10 @@ whose K/V fit ``DECOMPRESSED_KV_BUDGET_BYTES``, so only a sequence too long for 
 on its own goes to the absorbed form. Measured on H100: dense MHA's kernels are faster at
 every length from 128 to 16k tokens at 16 and 128 heads, but short calls are host-bound
 and there the absorbed form's call is cheaper, so the SM90 rule takes the absorbed form
-for dense calls of at most 2048 tokens at 16 heads (8 sequences) and of at most 480
-tokens at 128 heads (4 sequences), MHA for every other dense call within the budget; for
-sparse calls the crossover is the top-k itself.
+for dense calls of at most 2048 tokens at 16 heads (8 sequences) and of at most 512
+tokens at 128 heads (4 sequences), MHA for every other dense call within the budget (with
+offsets on the host, whose calls never wait for the GPU, also 16-head calls of up to 4096
+tokens in sequences of at most 2048); for sparse calls the crossover is the top-k itself.
 
 Back ends: on CUDA the MHA form runs flashinfer's ``BatchPrefillWithRaggedKVCacheWrapper``
 (fa3 on SM90 at head dims (192, 128)), or ``trtllm_ragged_attention_deepseek`` on SM100
@@ -130,10 +131,14 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 class PrefillRule:
     """When a GPU takes the MHA form (every number measured in bench_mla_prefill.py).
 
-    ``short_absorbed``: rows ``(max_heads, max_seqs, max_tokens)``; a dense call with at
-    most that many heads, sequences and query tokens takes the absorbed form: there a
-    call's time is host work (its kernels take tens of microseconds) and the absorbed
-    form's was measured lower.
+    ``short_absorbed``: rows ``(max_heads, max_seqs, max_tokens[, max_seqlen])``; a dense
+    call with at most that many heads, sequences, query tokens (and tokens in its longest
+    sequence) takes the absorbed form: there a call's time is host work (its kernels take
+    tens of microseconds) and the absorbed form's was measured lower.
+    ``short_absorbed_host_offsets``: the rows for calls whose offsets are on the host
+    (``cu_seqlens`` on the CPU or None): such calls never wait for the GPU, so back-to-back
+    calls cost the larger of host and GPU time rather than about their sum, and the form
+    with less host work wins over more GPU work. None: the same rows as ``short_absorbed``.
     ``dense_mha_max_seqlen``: dense calls longer than this take the absorbed form.
     ``sparse_mha_max_seqlen_over_topk`` bounds sparse calls by ``max_seqlen <= f * K``;
     it never exceeds 1, the point past which the MHA form stops being exact.
@@ -141,14 +146,19 @@ class PrefillRule:
     """
 
     name: str
-    short_absorbed: tuple[tuple[int, int, int], ...] = ()
+    short_absorbed: tuple[tuple[int, ...], ...] = ()
+    short_absorbed_host_offsets: tuple[tuple[int, ...], ...] | None = None
     dense_mha_max_seqlen: int = 1 << 62
     sparse_mha_max_seqlen_over_topk: float = 1.0
     kv_budget_bytes: int = DECOMPRESSED_KV_BUDGET_BYTES
 
-    def prefers_absorbed_when_short(self, num_heads: int, num_seqs: int, num_tokens: int) -> bool:
-        return any(num_heads <= h and num_seqs <= n and num_tokens <= t
-                   for h, n, t in self.short_absorbed)
+    def prefers_absorbed_when_short(self, num_heads: int, num_seqs: int, num_tokens: int,
+                                    max_seqlen: int = 0, offsets_on_host: bool = False) -> bool:
+        rows = self.short_absorbed
+        if offsets_on_host and self.short_absorbed_host_offsets is not None:
+            rows = self.short_absorbed_host_offsets
+        return any(num_heads <= row[0] and num_seqs <= row[1] and num_tokens <= row[2]
+                   and (len(row) < 4 or max_seqlen <= row[3]) for row in rows)
 
 
 RULES: dict[str, PrefillRule] = {
@@ -156,19 +166,29 @@ RULES: dict[str, PrefillRule] = {
     # graphs): dense MHA beat dense absorbed at every measured point, 128 to 16k tokens,
     # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k). The
     # op runs outside CUDA graphs, though (it plans from host offsets), and up to
-    # about 2k tokens a call is host work: 260-300 us of launches and flashinfer's run()
-    # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md).
-    # Over five runs on five hosts the absorbed form's calls were the faster ones at 16
-    # heads up to 2048 tokens (batches of up to 8 sequences) in most runs (one run: within
-    # 8% either way) and at 128 heads up to 470 tokens in up to 4 sequences (4 or 5 runs
-    # of 5 at each point but one ragged 235-token batch, 3 of 5). The MHA form wins in
-    # every run from 8192 tokens at 16 heads and 2048 at 128 heads; in between, in most.
-    # Run 9 also timed the calls with offsets on the host (no sync): there the absorbed
-    # form's calls were faster at 12 of the 13 points these rows cover (the 13th within
-    # 5%), so the rows hold for both kinds of offsets.
+    # about 2k tokens a call is host work: 150-300 us of launches and flashinfer's run()
+    # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md),
+    # and the absorbed form's host work is the smaller (one projection before the
+    # attention against the MHA form's decompression and query concatenation).
+    # Offsets on the GPU (one sync per call): over five runs on five hosts the absorbed
+    # form's calls were the faster ones at 16 heads up to 2048 tokens (batches of up to 8
+    # sequences) in most runs (one run: within 8% either way) and at 128 heads up to 470
+    # tokens in up to 4 sequences (4 or 5 runs of 5 at each point but one ragged 235-token
+    # batch, 3 of 5). The MHA form wins in every run from 8192 tokens at 16 heads and 2048
+    # at 128 heads; in between, in most. Since the MHA form decompresses with one batched
+    # GEMM per K and V written in place (2x less GPU time, runs 11 and 12), one 512-token
+    # sequence at 128 heads went to the absorbed form in both runs, with either kind of
+    # offsets (by 9-48%; runs 9 and 10, before, to MHA by 9-17%), so the 128-head row
+    # reaches 512 tokens; 1024 tokens stay MHA's (by 13-31% in all four runs).
+    # Offsets on the host (no sync; runs 9-12): the same rows, and at 16 heads up to 4096
+    # tokens in up to 8 sequences of at most 2048: 8 x 512 tokens went to the absorbed form
+    # by 7%, 9%, 18% and 24% in runs 9 to 12 (with a sync per call MHA won there in runs 9
+    # and 10), a ragged 3755-token batch of at most 2048 by 17% and 5% (runs 11 and 12),
+    # while one 4096-token sequence (twice the causal pairs per token) is MHA's by 2x.
     # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
     # slower.
-    "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 480))),
+    "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 512)),
+                        short_absorbed_host_offsets=((16, 8, 4096, 2048), (128, 4, 512))),
     # Blackwell: not measured here; SGLang routes prefill the same way (MHA for short).
     "sm100": PrefillRule("sm100"),
     # CPU and other GPUs run the torch forms; the MHA form does fewer FLOPs per pair.
@@ -176,10 +196,21 @@ RULES: dict[str, PrefillRule] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    # torch.cuda.get_device_capability reads the device properties on every call
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA device (cached: the op asks on every call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
 def rule_for(device: torch.device) -> PrefillRule:
     """The rule of the GPU (or CPU) that runs the call."""
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
+        major = cuda_major(device)
         if major == 9:
             return RULES["sm90"]
         if major == 10:
@@ -195,8 +226,10 @@ def decompressed_kv_bytes(num_tokens: int, num_heads: int, qk_head_dim: int, v_h
 
 def choose_path(*, num_tokens: int, num_heads: int, num_seqs: int, qk_nope_dim: int,
                 rope_dim: int, v_head_dim: int, element_size: int, max_seqlen: int,
-                topk: Optional[int], topk_covers_visible: bool, rule: PrefillRule) -> str:
-    """``"mha"`` or ``"absorbed"`` for one call (a pure function of sizes: no device sync)."""
+                topk: Optional[int], topk_covers_visible: bool, rule: PrefillRule,
+                offsets_on_host: bool = False) -> str:
+    """``"mha"`` or ``"absorbed"`` for one call (a pure function of sizes and of where the
+    offsets are: no device sync)."""
     # The MHA form decompresses one group of whole sequences at a time (mha_groups), so
     # only a sequence whose own K/V exceed the budget rules it out.
     kv_bytes = decompressed_kv_bytes(min(max_seqlen, num_tokens), num_heads, qk_nope_dim + rope_dim,
@@ -204,7 +237,8 @@ def choose_path(*, num_tokens: int, num_heads: int, num_seqs: int, qk_nope_dim: 
     if kv_bytes > rule.kv_budget_bytes:
         return "absorbed"
     if topk is None:
-        if rule.prefers_absorbed_when_short(num_heads, num_seqs, num_tokens):
+        if rule.prefers_absorbed_when_short(num_heads, num_seqs, num_tokens, max_seqlen,
+                                            offsets_on_host):
             return "absorbed"
         return "mha" if max_seqlen <= rule.dense_mha_max_seqlen else "absorbed"
     # Sparse: the dense MHA form equals sparse attention only when the top-k list of
@@ -216,6 +250,9 @@ def choose_path(*, num_tokens: int, num_heads: int, num_seqs: int, qk_nope_dim: 
 
 
 # ---------------------------------------------------------------------- validation
+_RANKS = (("q_nope", 3), ("q_pe", 3), ("ckv", 2), ("k_pe", 2), ("w_uk", 3), ("w_uv", 3))
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -223,17 +260,16 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 def validate(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_seqlen, scale, causal,
              topk_indices, topk_covers_visible, path) -> None:
     """Raise ``ValueError`` naming the bad argument, its value and what was expected."""
-    tensors = dict(q_nope=q_nope, q_pe=q_pe, ckv=ckv, k_pe=k_pe, w_uk=w_uk, w_uv=w_uv)
-    ranks = dict(q_nope=3, q_pe=3, ckv=2, k_pe=2, w_uk=3, w_uv=3)
-    for name, t in tensors.items():
-        if t.dim() != ranks[name]:
-            raise ValueError(f"{name}: expected a {ranks[name]}-D tensor, got shape {_shape(t)}")
+    dtype, device = q_nope.dtype, q_nope.device
+    for (name, rank), t in zip(_RANKS, (q_nope, q_pe, ckv, k_pe, w_uk, w_uv)):
+        if t.dim() != rank:
+            raise ValueError(f"{name}: expected a {rank}-D tensor, got shape {_shape(t)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name}: expected float16/bfloat16/float32, got {t.dtype}")
-        if t.dtype != q_nope.dtype:
-            raise ValueError(f"{name}: expected dtype {q_nope.dtype} (q_nope's), got {t.dtype}")
-        if t.device != q_nope.device:
-            raise ValueError(f"{name}: expected device {q_nope.device} (q_nope's), got {t.device}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name}: expected dtype {dtype} (q_nope's), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (q_nope's), got {t.device}")
     T, H, d_nope = q_nope.shape
     R = ckv.shape[1]
     d_rope = q_pe.shape[2]
@@ -352,13 +388,19 @@ def _seq_bounds(cu_seqlens: torch.Tensor | list[int]) -> list[tuple[int, int]]:
 
 
 def decompress_kv(ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (T, H, D_nope + D_rope) and V (T, H, D_v), both contiguous, from two GEMMs
-    against the kv_b_proj rows (free views of the weights in SGLang's layouts)."""
+    """K (T, H, D_nope + D_rope) and V (T, H, D_v), both contiguous: one batched GEMM over
+    heads each, the latent broadcast (not copied) and the results written in place into
+    K and V (cuBLAS takes the strided outputs), so neither the weights (whatever their
+    strides: SGLang's and HF's kv_b_proj views are not contiguous) nor K's no-RoPE part
+    are copied; only the shared RoPE key is broadcast into K."""
     H, d_nope, R = w_uk.shape
-    d_v = w_uv.shape[2]
-    k_nope = (ckv @ w_uk.reshape(H * d_nope, R).t()).view(-1, H, d_nope)
-    v = (ckv @ w_uv.transpose(1, 2).reshape(H * d_v, R).t()).view(-1, H, d_v)
-    k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
+    T, d_rope = k_pe.shape
+    latent = ckv.expand(H, T, R)
+    k = ckv.new_empty(T, H, d_nope + d_rope)
+    torch.bmm(latent, w_uk.transpose(1, 2), out=k.narrow(2, 0, d_nope).transpose(0, 1))
+    k.narrow(2, d_nope, d_rope).copy_(k_pe.unsqueeze(1))
+    v = ckv.new_empty(T, H, w_uv.shape[2])
+    torch.bmm(latent, w_uv, out=v.transpose(0, 1))
     return k, v
 
 
@@ -375,14 +417,23 @@ def mla_prefill_mha_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, scale
     return out
 
 
+def _head_bmm(x, w):
+    """``(T, H, K) x (H, K, N) -> (T, H, N)``, contiguous: one batched GEMM over heads
+    that writes the token-major result in place (cuBLAS takes the strided output), so no
+    transposed copy follows."""
+    out = x.new_empty(x.shape[0], x.shape[1], w.shape[2])
+    torch.bmm(x.transpose(0, 1), w, out=out.transpose(0, 1))
+    return out
+
+
 def _absorb_q(q_nope, w_uk):
     # (H, T, D_nope) @ (H, D_nope, R) -> (T, H, R)
-    return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+    return _head_bmm(q_nope, w_uk)
 
 
 def _unabsorb_o(o_lat, w_uv):
     # (H, T, R) @ (H, R, D_v) -> (T, H, D_v)
-    return torch.bmm(o_lat.transpose(0, 1), w_uv).transpose(0, 1)
+    return _head_bmm(o_lat, w_uv)
 
 
 def mla_prefill_absorbed_dense_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, scale,
@@ -471,7 +522,8 @@ class FlashinferWrappers:
 
     @staticmethod
     def _slot_key(kind: str, device: torch.device, slot: int) -> tuple:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        # the raw stream handle (as Inductor's generated code reads it): no Stream object
+        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
         return (kind, device.type, device.index, stream, slot)
 
     def planned(self, kind: str, device: torch.device, slot: int, build: Callable[[], Any],
@@ -527,7 +579,7 @@ def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int], max_seql
     fi = _flashinfer()
     H, qk_dim, vo_dim = q_nope.shape[1], q_nope.shape[2] + q_pe.shape[2], w_uv.shape[2]
     dev = q_nope.device
-    major, _ = torch.cuda.get_device_capability(dev)
+    major = cuda_major(dev)
 
     def attention_inputs():
         return inputs if inputs is not None else mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
@@ -594,7 +646,7 @@ def mla_plan_groups(cu: list[int], max_tokens: int) -> list[list[tuple[int, int,
 
 def absorbed_query(q_nope, w_uk) -> torch.Tensor:
     """The absorbed form's latent queries ``q_nope @ W_UK`` (T, H, R), contiguous."""
-    return _absorb_q(q_nope, w_uk).contiguous()
+    return _absorb_q(q_nope, w_uk)
 
 
 def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int], scale, causal,
@@ -635,13 +687,12 @@ def prepare_absorbed_dense_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int
         q_l = q_lat if q_lat is not None else absorbed_query(q_nope, w_uk)
         q_rope = q_pe.contiguous()
         kv = (ckv[:, None, :], k_pe[:, None, :])
-        if len(plans) == 1:
-            a, b, wrapper = plans[0]
-            o_lat = wrapper.run(query=(q_l[a:b], q_rope[a:b]), kv_cache=kv)
+        if len(plans) == 1 and plans[0][:2] == (0, q_l.shape[0]):
+            o_lat = plans[0][2].run(query=(q_l, q_rope), kv_cache=kv)
         else:
-            o_lat = q_l.new_empty(q_l.shape)
+            o_lat = q_l.new_empty(q_l.shape)  # the plans cover every row
             for a, b, wrapper in plans:
-                o_lat[a:b] = wrapper.run(query=(q_l[a:b], q_rope[a:b]), kv_cache=kv)
+                wrapper.run(query=(q_l[a:b], q_rope[a:b]), kv_cache=kv, out=o_lat[a:b])
         return _unabsorb_o(o_lat, w_uv)
 
     return run
@@ -656,8 +707,7 @@ def _flashinfer_mha_ok(q_nope, q_pe, w_uv) -> bool:
     if not _gpu_backend_ok(q_nope):
         return False
     qk, vo = q_nope.shape[2] + q_pe.shape[2], w_uv.shape[2]
-    major, _ = torch.cuda.get_device_capability(q_nope.device)
-    return _fa3_head_dims_ok(qk, vo) or major != 9  # fa2 JIT-compiles other dims
+    return _fa3_head_dims_ok(qk, vo) or cuda_major(q_nope.device) != 9  # fa2 JIT-compiles other dims
 
 
 # ------------------------------------------------------------------------- the op
@@ -672,7 +722,8 @@ def mla_prefill_path(q_nope, q_pe, ckv, k_pe, w_uv, cu_seqlens, max_seqlen, topk
         qk_nope_dim=q_nope.shape[2],
         rope_dim=q_pe.shape[2], v_head_dim=w_uv.shape[2], element_size=q_nope.element_size(),
         max_seqlen=max_seqlen, topk=None if topk_indices is None else topk_indices.shape[1],
-        topk_covers_visible=topk_covers_visible, rule=rule_for(q_nope.device))
+        topk_covers_visible=topk_covers_visible, rule=rule_for(q_nope.device),
+        offsets_on_host=cu_seqlens is None or cu_seqlens.device.type == "cpu")
 
 
 def _per_token_kv_bytes(q_nope, q_pe, w_uv) -> int:
@@ -728,11 +779,15 @@ def prepare_path(chosen, q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, max_se
     if chosen == "mha":
         max_tokens = max(1, DECOMPRESSED_KV_BUDGET_BYTES // _per_token_kv_bytes(q_nope, q_pe, w_uv))
         groups = mha_groups(cu, max_tokens)
+        on_flashinfer = _flashinfer_mha_ok(q_nope, q_pe, w_uv)
         runs = []
         for slot, (a, b) in enumerate(groups):
-            g_args = tuple(t[a:b] for t in args[:4]) + args[4:]
-            g_cu = [c - a for c in cu if a <= c <= b]
-            if _flashinfer_mha_ok(q_nope, q_pe, w_uv):
+            if len(groups) == 1:  # the whole call (no views to make)
+                g_args, g_cu = args, cu
+            else:
+                g_args = tuple(t[a:b] for t in args[:4]) + args[4:]
+                g_cu = [c - a for c in cu if a <= c <= b]
+            if on_flashinfer:
                 g_max = max(y - x for x, y in zip(g_cu[:-1], g_cu[1:]))
                 runs.append(prepare_mha_gpu(*g_args, g_cu, g_max, scale, causal, slot=slot,
                                             inputs=early.get("inputs") if len(groups) == 1 else None))

@@ -122,17 +122,29 @@ def test_rule():
     rule = mp.RULES["sm90"]
     base = dict(qk_nope_dim=128, rope_dim=64, v_head_dim=128, element_size=2, rule=rule)
     # dense: short host-bound calls take the absorbed form (16 heads: up to 2048 tokens in
-    # up to 8 sequences; 128 heads: up to 480 tokens in up to 4 sequences), the others MHA
+    # up to 8 sequences; 128 heads: up to 512 tokens in up to 4 sequences), the others MHA
     for heads, length, seqs, want in ((16, 128, 1, "absorbed"), (16, 2048, 1, "absorbed"),
                                       (16, 256, 8, "absorbed"), (16, 512, 8, "mha"),
                                       (16, 2049, 1, "mha"), (16, 128, 9, "mha"),
-                                      (128, 256, 1, "absorbed"), (128, 480, 1, "absorbed"),
-                                      (128, 512, 1, "mha"), (128, 117, 4, "absorbed"),
+                                      (128, 256, 1, "absorbed"), (128, 512, 1, "absorbed"),
+                                      (128, 513, 1, "mha"), (128, 128, 4, "absorbed"),
                                       (128, 96, 5, "mha"), (16, 16384, 1, "mha"),
                                       (128, 16384, 1, "mha")):
         assert mp.choose_path(num_tokens=length * seqs, num_heads=heads, num_seqs=seqs,
                               max_seqlen=length, topk=None, topk_covers_visible=False,
                               **base) == want, (heads, length, seqs)
+    # offsets on the host (no sync per call): at 16 heads also up to 4096 tokens in up to 8
+    # sequences of at most 2048 tokens; 128 heads as with offsets on the GPU
+    for heads, lens, want in (([16, [512] * 8, "absorbed"]), ([16, [2048, 682, 1, 1024], "absorbed"]),
+                              ([16, [4096], "mha"]), ([16, [2049, 2047], "mha"]),
+                              ([16, [512] * 9, "mha"]), ([16, [1024] * 3 + [1000, 1], "absorbed"]),
+                              ([128, [128] * 4, "absorbed"]), ([128, [96] * 5, "mha"]),
+                              ([128, [513], "mha"])):
+        args = dict(num_tokens=sum(lens), num_heads=heads, num_seqs=len(lens), max_seqlen=max(lens),
+                    topk=None, topk_covers_visible=False, **base)
+        assert mp.choose_path(offsets_on_host=True, **args) == want, (heads, lens)
+        if sum(lens) > 2048 and heads == 16 and want == "absorbed":  # a sync per call: MHA
+            assert mp.choose_path(offsets_on_host=False, **args) == "mha", (heads, lens)
     # the memory budget: a batch is decompressed in groups, one 32k-token sequence at
     # 128 heads does not fit
     assert mp.choose_path(num_tokens=30038, num_heads=128, num_seqs=4, max_seqlen=16384, topk=None,
@@ -342,7 +354,7 @@ def test_mha_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
     monkeypatch.setattr(mp, "_flashinfer", lambda: fake)
     monkeypatch.setattr(mp, "WRAPPERS", mp.FlashinferWrappers())
     monkeypatch.setattr(mp, "_workspace", lambda dev, zeroed=False: torch.empty(0))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    monkeypatch.setattr(mp, "cuda_major", lambda dev: 9)
     monkeypatch.setattr(_FakeRaggedWrapper, "plans", [])
 
     def mha(inp):
@@ -376,11 +388,11 @@ class _FakeMLAWrapper:
         self.meta, self.causal, self.scale = metadata, causal, sm_scale
         _FakeMLAWrapper.plans.append(tuple(metadata[0].tolist()))
 
-    def run(self, *, query, kv_cache):
+    def run(self, *, query, kv_cache, out=None):
         q_indptr, kv_indptr, kv_indices, _ = self.meta
         q = torch.cat(query, dim=-1).float()
         kv = torch.cat([kv_cache[0][:, 0], kv_cache[1][:, 0]], dim=-1).float()
-        out = q.new_zeros(q.shape[0], q.shape[1], kv_cache[0].shape[-1])
+        given, out = out, q.new_zeros(q.shape[0], q.shape[1], kv_cache[0].shape[-1])
         for i in range(len(q_indptr) - 1):
             qa, qb = int(q_indptr[i]), int(q_indptr[i + 1])
             rows = kv_indices[int(kv_indptr[i]):int(kv_indptr[i + 1])]
@@ -390,6 +402,8 @@ class _FakeMLAWrapper:
                 visible = torch.arange(len(rows))[None] <= (torch.arange(qb - qa)[:, None] + offset)
                 s = s.masked_fill(~visible, float("-inf"))
             out[qa:qb] = torch.einsum("hqk,kr->qhr", s.softmax(-1), kv[rows, :kv_cache[0].shape[-1]])
+        if given is not None:  # a caller-owned buffer is filled and returned, as flashinfer does
+            return given.copy_(out)
         return out.to(query[0].dtype)
 
 
@@ -415,3 +429,32 @@ def test_absorbed_path_plans_once_for_the_layers_of_a_prefill(monkeypatch):
         inp = make(lens, seed=seed)
         torch.testing.assert_close(absorbed(inp), reference(inp), atol=2e-5, rtol=2e-5)
     assert _FakeMLAWrapper.plans == [(0, 5, 6, 15), (0, 7, 15)]
+
+    # plans of at most 4 query rows (flashinfer's work-item capacity, made small): the long
+    # sequence is cut into query chunks, each plan writes its rows of one output buffer
+    monkeypatch.setattr(mp, "MLA_PLAN_MAX_TOKEN_HEADS", 4 * make([1])["q_nope"].shape[1])
+    _FakeMLAWrapper.plans.clear()
+    inp = make([5, 1, 9], seed=4)
+    torch.testing.assert_close(absorbed(inp), reference(inp), atol=2e-5, rtol=2e-5)
+    assert _FakeMLAWrapper.plans == [(0, 4), (0, 1, 2, 4), (0, 4), (0, 3)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "kv_b_proj view"])
+def test_decompress_kv_writes_k_and_v_in_place_for_any_weight_strides(layout):
+    """K and V from the batched GEMMs written in place equal the float64 definition, for
+    contiguous weights and for the strided views of one kv_b_proj weight (SGLang, HF)."""
+    g = torch.Generator().manual_seed(7)
+    T = 11
+    ckv, k_pe = torch.randn(T, R, generator=g), torch.randn(T, D_ROPE, generator=g)
+    w = torch.randn(H, D_NOPE + D_V, R, generator=g) / math.sqrt(R)
+    w_uk, w_uv = w[:, :D_NOPE], w[:, D_NOPE:].transpose(1, 2)
+    if layout == "contiguous":
+        w_uk, w_uv = w_uk.contiguous(), w_uv.transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = mp.decompress_kv(ckv, k_pe, w_uk, w_uv)
+    assert k.is_contiguous() and v.is_contiguous()
+    f = torch.float64
+    want_k = torch.cat([torch.einsum("tr,hdr->thd", ckv.to(f), w_uk.to(f)),
+                        k_pe.to(f)[:, None, :].expand(T, H, D_ROPE)], dim=-1)
+    torch.testing.assert_close(k.to(f), want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v.to(f), torch.einsum("tr,hrv->thv", ckv.to(f), w_uv.to(f)),
+                               atol=1e-5, rtol=1e-5)
