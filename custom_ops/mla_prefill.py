@@ -176,14 +176,15 @@ RULES: dict[str, PrefillRule] = {
     # tokens in up to 4 sequences (4 or 5 runs of 5 at each point but one ragged 235-token
     # batch, 3 of 5). The MHA form wins in every run from 8192 tokens at 16 heads and 2048
     # at 128 heads; in between, in most. Since the MHA form decompresses with one batched
-    # GEMM per K and V written in place (2x less GPU time, runs 11 and 12), one 512-token
-    # sequence at 128 heads went to the absorbed form in both runs, with either kind of
-    # offsets (by 9-48%; runs 9 and 10, before, to MHA by 9-17%), so the 128-head row
-    # reaches 512 tokens; 1024 tokens stay MHA's (by 13-31% in all four runs).
-    # Offsets on the host (no sync; runs 9-12): the same rows, and at 16 heads up to 4096
+    # GEMM per K and V written in place (half the GPU time; runs 11-13), one 512-token
+    # sequence at 128 heads went to the absorbed form in all three runs, with either kind
+    # of offsets (by 9-48%; runs 9 and 10, before, to MHA by 10-20%), so the 128-head row
+    # reaches 512 tokens; 1024 tokens stayed MHA's in every run (by 11% or more).
+    # Offsets on the host (no sync; runs 9-13): the same rows, and at 16 heads up to 4096
     # tokens in up to 8 sequences of at most 2048: 8 x 512 tokens went to the absorbed form
-    # by 7%, 9%, 18% and 24% in runs 9 to 12 (with a sync per call MHA won there in runs 9
-    # and 10), a ragged 3755-token batch of at most 2048 by 17% and 5% (runs 11 and 12),
+    # by 7-24% in all five runs (with a sync per call MHA won there in runs 9 and 10, the
+    # absorbed form in runs 11-13 by 3-14%), a ragged 3755-token batch of at most 2048 by 17%
+    # and 5% in runs 11 and 12 but to MHA by 25% in run 13 (a coin flip left to the row),
     # while one 4096-token sequence (twice the causal pairs per token) is MHA's by 2x.
     # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
     # slower.
