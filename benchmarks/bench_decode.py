@@ -7,6 +7,10 @@ Sections (all by default; pick with flags):
              scales, softcap + window.
 ``--sweep``  kernel variants (BLOCK_N, num_warps, num_stages, BLOCK_H, split count) on a
              few key points; prints the best per point (results/bench_decode_sweep.*).
+``--sm90``   the SM90 Gluon MLA stage 1 (``mla_decode_sm90.py``) against the Triton one on
+             MLA points at 16 and 128 heads: tile shapes (BLOCK_N, stages) and split
+             targets (programs per SM); optional FlashInfer (``--with-flashinfer``)
+             (results/bench_decode_sm90.*).
 ``--table``  the issue's table (results/bench_decode.*):
              GQA 32 q / 8 kv heads, head_dim 128, bf16, page 16, B in {1, 16, 64} x
              context in {1k, 8k, 32k, 128k}: ours (paged; static), ours with one split,
@@ -38,6 +42,7 @@ from common import bench_us, copy_bandwidth_gbps, write_results
 from attnfuse.custom_ops.grouped_decode import reference
 from attnfuse.custom_ops.kernels.grouped_decode import (
     _STAGE1,
+    choose_num_kv_splits,
     grouped_decode_kernel,
     plan_grouped_decode,
 )
@@ -343,6 +348,75 @@ def sweep() -> list[dict]:
 
 
 # ------------------------------------------------------------------ table
+def sweep_sm90(with_flashinfer: bool) -> list[dict]:
+    """SM90 Gluon stage 1 variants against the Triton kernel at its defaults."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    points = [(16, 1, 32768), (16, 16, 32768), (16, 64, 4096), (16, 128, 4096),
+              (128, 1, 32768), (128, 16, 32768), (128, 64, 4096), (128, 128, 4096)]
+    shapes = [(64, 2), (32, 3), (32, 4)]
+    rows, summary = [], []
+    for heads, batch, ctx in points:
+        torch.manual_seed(0)
+        kv, table, lens = paged_mla(batch, ctx)
+        q = torch.randn(batch, heads, MLA_CKV + MLA_KPE, device=DEV, dtype=DT)
+        nbytes = kv.numel() * kv.element_size()
+        base = {"heads": heads, "batch": batch, "ctx": ctx}
+        tri = ours_mla(q, kv, table, lens, kernel="triton")
+        tri_us = timed(tri)
+        auto = ours_mla(q, kv, table, lens)
+        auto_cfg = auto()[2]
+        auto_us = timed(auto)
+        fi_us = (_try(lambda: flashinfer_mla(q, kv, table, lens, heads), "flashinfer mla")
+                 if with_flashinfer else None)
+        best = None
+        tiles = -(-heads // 64)
+        splits_seen = set()
+        for per_sm in (1, 2, 4):
+            splits = choose_num_kv_splits(batch, 1, tiles, ctx, sms, per_sm=per_sm)
+            if splits in splits_seen:
+                continue
+            splits_seen.add(splits)
+            for block_n, stages in shapes:
+                over = dict(kernel="sm90", block_n=block_n, num_stages=stages,
+                            num_kv_splits=splits)
+                try:
+                    us = timed(ours_mla(q, kv, table, lens, **over))
+                except Exception as exc:
+                    print(f"sm90 {base} {over}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                row = {**base, "per_sm": per_sm, "splits": splits, "block_n": block_n,
+                       "stages": stages, "us": us, "GB/s": nbytes / us / 1e3,
+                       "triton_us": tri_us, "x_triton": tri_us / us}
+                rows.append(row)
+                print("  " + " ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)
+                if best is None or us < best["us"]:
+                    best = row
+        summary.append({**base, "triton_us": tri_us, "auto_us": auto_us,
+                        "auto": f"{auto_cfg.kernel} {auto_cfg.block_n}/{auto_cfg.num_stages} "
+                                f"splits {auto_cfg.num_kv_splits}",
+                        "auto_GB/s": nbytes / auto_us / 1e3,
+                        "best_us": best and best["us"],
+                        "best": best and f"{best['block_n']}/{best['stages']} splits "
+                                         f"{best['splits']} (per_sm {best['per_sm']})",
+                        "flashinfer_us": fi_us,
+                        "auto_vs_flashinfer": fi_us and fi_us / auto_us,
+                        "auto_vs_triton": tri_us / auto_us})
+        del kv, table, q
+        free_bytes()
+    cols = ["heads", "batch", "ctx", "per_sm", "splits", "block_n", "stages", "us", "GB/s",
+            "triton_us", "x_triton"]
+    write_results("bench_decode_sm90_sweep", rows, cols,
+                  title="grouped_decode: SM90 Gluon MLA stage 1 variants (H100)")
+    scols = ["heads", "batch", "ctx", "triton_us", "auto_us", "auto", "auto_GB/s", "best_us",
+             "best", "flashinfer_us", "auto_vs_flashinfer", "auto_vs_triton"]
+    write_results("bench_decode_sm90", summary, scols,
+                  title="grouped_decode: SM90 Gluon MLA stage 1 against the Triton kernel")
+    print(" | ".join(scols))
+    for r in summary:
+        print(" | ".join(_short(r.get(c, "")) for c in scols))
+    return rows
+
+
 def _try(fn_factory, label):
     try:
         fn = fn_factory()
@@ -412,6 +486,10 @@ def table_mla(copy_gbps, rows):
                 row["ours_us"] = timed(fn)
                 row["ours_1split_us"] = _try(lambda: ours_mla(q, kv, table, lens, num_kv_splits=1),
                                              "ours 1 split")
+                row["kernel"] = fn()[2].kernel
+                if row["kernel"] != "triton":
+                    row["ours_triton_us"] = _try(
+                        lambda: ours_mla(q, kv, table, lens, kernel="triton"), "ours triton")
                 row["flashinfer_us"] = _try(lambda: flashinfer_mla(q, kv, table, lens, heads),
                                             "flashinfer mla")
                 flops = 2 * batch * heads * ctx * (MLA_CKV + MLA_KPE + MLA_CKV)
@@ -444,9 +522,11 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--sm90", action="store_true")
+    ap.add_argument("--with-flashinfer", action="store_true")
     ap.add_argument("--mla-only", action="store_true")
     args = ap.parse_args()
-    everything = not (args.check or args.sweep or args.table)
+    everything = not (args.check or args.sweep or args.table or args.sm90)
     print(f"gpu {torch.cuda.get_device_name(0)}", flush=True)
     if args.check or everything:
         check()
@@ -454,16 +534,21 @@ def main() -> None:
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     if args.sweep or everything:
         sweep()
+    if args.sm90:
+        sweep_sm90(args.with_flashinfer)
     if args.table or everything:
         rows: list[dict] = []
-        cols = ["kind", "heads", "batch", "ctx", "kv_MB", "splits", "ours_us", "ours_GB/s",
+        cols = ["kind", "heads", "batch", "ctx", "kv_MB", "kernel", "splits", "ours_us", "ours_GB/s",
                 "of_copy", "ours_1split_us", "split_gain", "ours_static_us", "flashinfer_us",
-                "flashinfer_GB/s", "sdpa_gqa_us", "hf_repeat_kv_us", "vs_best_baseline",
+                "flashinfer_GB/s", "sdpa_gqa_us", "hf_repeat_kv_us", "ours_triton_us",
+                "vs_best_baseline",
                 "ours_TFLOP/s", "floor_us", "note"]
         notes = (f"Measured copy bandwidth {copy_gbps:.0f} GB/s (read + write). ours = paged "
                  "(page 16 GQA / 64 MLA); ours_static = HF-layout (B, Hkv, S, D) cache; "
                  "vs_best_baseline = best of FlashInfer and SDPA(enable_gqa) time / ours time "
-                 "(> 1: ours faster); split_gain = one-split time / chosen-split time. "
+                 "(> 1: ours faster); split_gain = one-split time / chosen-split time; "
+                 "kernel = stage 1 of ours (sm90: the Gluon MLA kernel on SM90; "
+                 "ours_triton_us: the Triton kernel at its defaults, same call). "
                  "HF repeat_kv + SDPA runs without a mask.")
         try:
             if not args.mla_only:
@@ -471,13 +556,17 @@ def main() -> None:
             table_mla(copy_gbps, rows)
         except Exception:
             traceback.print_exc()
-        write_results("bench_decode", rows, cols,
+        if args.mla_only:  # the GQA rows of bench_decode.md stay as they were measured
+            cols = [c for c in cols if c not in ("ours_static_us", "sdpa_gqa_us",
+                                                 "hf_repeat_kv_us")]
+        write_results("bench_decode_mla" if args.mla_only else "bench_decode", rows, cols,
                       title="grouped_decode vs baselines (decode, bf16)", notes=notes)
         print_table(rows, cols)
 
 
 def print_table(rows, cols):
-    short = ["kind", "heads", "batch", "ctx", "splits", "ours_us", "ours_GB/s", "split_gain",
+    short = ["kind", "heads", "batch", "ctx", "kernel", "splits", "ours_us", "ours_GB/s",
+             "split_gain", "ours_triton_us",
              "flashinfer_us", "sdpa_gqa_us", "hf_repeat_kv_us", "vs_best_baseline"]
     print(" | ".join(short))
     for r in rows:

@@ -226,7 +226,10 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     """The one place a backend is picked: ``"reference"`` or ``"triton"``.
 
     CPU tensors run the plain-torch reference (the Triton kernel under the interpreter
-    inside ``kernel_on_cpu()``); CUDA tensors run the Triton kernel.
+    inside ``kernel_on_cpu()``); CUDA tensors run the split-KV kernel, whose stage 1 is the
+    Triton kernel or, for MLA calls on SM90, the Gluon kernel of ``kernels/mla_decode_sm90.py``
+    (``kernels.grouped_decode.decode_settings`` decides; 1.1-1.9x the Triton stage 1 on
+    H100, ``benchmarks/results/bench_decode_mla.md``).
 
     FlashInfer is never picked, although it is installed where this runs on H100:
 
@@ -235,9 +238,9 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
       would synchronize every call of a compiled graph;
     * where a plan could be hoisted, ``benchmarks/results/bench_decode.md`` shows no GQA
       point where it is faster than this kernel by more than noise (0.99-1.01x), while
-      for MLA it *is* faster at 128 heads (1.7-3.2x from context 32k or batch 16) and at
-      16 heads with batch 16 (1.3-1.6x) and batch 64-128 at context 4k (1.2x). Those
-      are the shapes an engine that plans once per step outside the
+      for MLA (``bench_decode_mla.md``, SM90 stage 1) it *is* faster at 128 heads from
+      batch 16 or context 128k (1.2-1.6x) and at 16 heads at context 4k with batch 16-64
+      (1.07-1.11x). Those are the shapes an engine that plans once per step outside the
       graph should route to ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):

@@ -16,7 +16,9 @@ decode kernel the same way):
 * stage 2, grid ``(batch, q_heads, Dv / MERGE_DV_CHUNK)``: merges the splits by
   log-sum-exp, MERGE_CHUNK splits per step.
 
-With one split, stage 1 writes the final output and stage 2 is not launched.
+With one split, stage 1 writes the final output and stage 2 is not launched. On SM90,
+MLA calls run stage 1 as the Gluon kernel of ``mla_decode_sm90.py`` (same outputs, same
+split bounds; ``decode_settings`` picks it), merged by the same stage 2.
 
 Invariants (each one a bug seen elsewhere; see research/anchors-kernels.md section 4)
 * Both stages compute split bounds with the same ``_split_bounds`` helper (rounded to
@@ -56,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import mla_decode_sm90 as sm90
 from ._launch import KernelLaunch, Launcher, cdiv, next_pow2
 
 # ------------------------------------------------------------------ named limits
@@ -94,6 +97,14 @@ TARGET_PROGRAMS_PER_SM_WIDE = 2
 MANY_SPLITS = 16
 #: SM count assumed where no GPU is present (interpreter runs); small on purpose
 INTERPRETER_SM_COUNT = 8
+#: the SM90 Gluon MLA stage 1 (``mla_decode_sm90.py``): keys per tile, tiles in flight and
+#: programs per SM the split count aims for (225 KB of shared memory: one program per SM).
+#: H100 sweep (benchmarks/results/bench_decode_sm90_sweep.md): 64/2 beat 32/3 and 32/4 at
+#: all 8 points (by 15-38%); one program per SM beat two at all 8 (MLA-128 B=64 ctx 4k:
+#: 196 us with 1 split, 288 us with 2)
+SM90_BLOCK_N = 64
+SM90_NUM_STAGES = 2
+SM90_PROGRAMS_PER_SM = 1
 
 
 @triton.jit
@@ -307,6 +318,8 @@ class DecodeConfig:
     merge_chunk: int = MERGE_CHUNK
     merge_dv: int = MERGE_DV_CHUNK
     merge_warps: int = MERGE_WARPS
+    #: stage 1: ``"triton"`` (any call) or ``"sm90"`` (the Gluon MLA kernel)
+    kernel: str = "triton"
 
 
 def sm_count(device: torch.device) -> int:
@@ -316,7 +329,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacity: int,
-                         num_sms: int, wide: bool = False) -> int:
+                         num_sms: int, wide: bool = False, per_sm: int | None = None) -> int:
     """Split count: enough programs to fill the GPU, never splits too short to pay.
 
     ``batch * num_kv_heads * head_tiles`` programs exist without splitting. Splitting
@@ -329,7 +342,8 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     lengths live on the device and reading them would synchronize; stage 1 divides each
     sequence's own length by the split count, so ragged batches stay balanced.
     """
-    per_sm = TARGET_PROGRAMS_PER_SM_WIDE if wide else TARGET_PROGRAMS_PER_SM
+    if per_sm is None:
+        per_sm = TARGET_PROGRAMS_PER_SM_WIDE if wide else TARGET_PROGRAMS_PER_SM
     programs = batch * num_kv_heads * head_tiles
     programs = max(programs, 1)
     wanted = (per_sm * num_sms + programs // 2) // programs  # nearest whole multiple
@@ -343,7 +357,8 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                     block_h: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None,
                     merge_chunk: int | None = None, merge_dv: int | None = None,
-                    merge_warps: int | None = None) -> DecodeConfig:
+                    merge_warps: int | None = None, sm90_eligible: bool = False,
+                    kernel: str | None = None) -> DecodeConfig:
     """The one place launch settings are chosen; every argument may be forced (tests, tuning).
 
     Defaults are the winners of the H100 sweeps (``benchmarks/results/bench_decode_sweep*.md``):
@@ -356,7 +371,32 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     576 (MLA)  >= MANY_SPLITS or BLOCK_H 64 64       8          2
     576 (MLA)  otherwise                    32       4          2
     =========  ===========================  =======  =========  ==========
+
+    A call the SM90 Gluon MLA kernel can run (``sm90_eligible``, from
+    ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
+    tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
+    ``SM90_PROGRAMS_PER_SM`` as the split target.
     """
+    if kernel not in (None, "triton", "sm90"):
+        raise ValueError(f"kernel: expected 'triton' or 'sm90', got {kernel!r}")
+    if kernel == "sm90" and not sm90_eligible:
+        raise ValueError("kernel='sm90' needs an SM90 GPU, Gluon, and an MLA call it supports "
+                         "(see attnfuse.custom_ops.kernels.mla_decode_sm90.supports)")
+    if kernel is None:
+        kernel = "sm90" if sm90_eligible else "triton"
+    if kernel == "sm90":
+        if block_h not in (None, sm90.BLOCK_H):
+            raise ValueError(f"block_h: the sm90 kernel computes {sm90.BLOCK_H} heads per program")
+        head_tiles = cdiv(group_size, sm90.BLOCK_H)
+        if num_kv_splits is None:
+            num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, head_tiles, capacity,
+                                                 sm_count(device), per_sm=SM90_PROGRAMS_PER_SM)
+        if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+            raise ValueError(f"num_kv_splits: expected 1..{MAX_KV_SPLITS}, got {num_kv_splits}")
+        return DecodeConfig(sm90.BLOCK_H, block_n or SM90_BLOCK_N, sm90.NUM_WARPS,
+                            num_stages or SM90_NUM_STAGES, num_kv_splits,
+                            merge_chunk or MERGE_CHUNK, merge_dv or MERGE_DV_CHUNK,
+                            merge_warps or MERGE_WARPS, kernel="sm90")
     wide = head_dim_k > WIDE_HEAD_DIM
     if block_h is None:
         block_h = min(max(next_pow2(group_size), MIN_BLOCK_H), MAX_BLOCK_H)
@@ -391,6 +431,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 # ------------------------------------------------------------------ launcher
 _STAGE1 = Launcher(_grouped_decode_stage1)
 _STAGE2 = Launcher(_grouped_decode_stage2)
+_STAGE1_SM90 = Launcher(sm90.mla_decode_sm90_stage1) if sm90.HAVE_GLUON else None
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -458,9 +499,11 @@ def plan_grouped_decode(
     group_size = num_q_heads // num_kv_heads
     head_dv = v_head_dim if shared_kv else v_cache.shape[-1]
     if config is None:
+        eligible = shared_kv and sm90.supports(q, k_cache, v_cache, block_table, mask, softcap,
+                                               window, k_scale, v_scale, v_head_dim)
         config = decode_settings(batch=batch, num_kv_heads=num_kv_heads, group_size=group_size,
                                  head_dim_k=head_dim_k, capacity=capacity, device=q.device,
-                                 paged=paged, **overrides)
+                                 paged=paged, sm90_eligible=eligible, **overrides)
     v = k_cache if shared_kv else v_cache
     # K splits into the part multiplied with V's columns (shared-latent mode) and a tail
     head_da = head_dv if shared_kv else head_dim_k
@@ -498,32 +541,52 @@ def plan_grouped_decode(
     tiles_per_group = cdiv(group_size, config.block_h)
     has_window = window is not None and window >= 0
 
-    stage1 = KernelLaunch(
-        _STAGE1,
-        (batch, num_kv_heads * tiles_per_group, splits),
-        (q, k_cache, v, block_table if paged else dummy_int,
-         seq_lens if seq_lens is not None else dummy_int, mask,
-         k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
-         partial_out, partial_lse, out, lse,
-         scale, softcap, window if has_window else 0, capacity, group_size,
-         tiles_per_group,
-         q.stride(0), q.stride(1),
-         k0, k1, kh, v0, v1, vh,
-         block_table.stride(0) if paged else 0, stride_mb, stride_ms,
-         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2) if splits > 1 else 0,
-         partial_lse.stride(0), partial_lse.stride(1),
-         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
-        dict(HEAD_DA=head_da, HEAD_DT=head_dt, HEAD_DV=head_dv,
-             BLOCK_DA=block_da, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
-             BLOCK_H=config.block_h, BLOCK_N=config.block_n, NUM_SPLITS=splits,
-             PAGE_SIZE=page_size, PAGED=paged, SHARED_KV=shared_kv,
-             HAS_SEQLENS=seq_lens is not None, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
-             HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
-             HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-        # (partial_out, partial_lse) with splits to merge, else (out, lse)
-        writes=(8, 9) if splits > 1 else (10, 11),
-    )
+    if config.kernel == "sm90":
+        stage1 = KernelLaunch(
+            _STAGE1_SM90,
+            (batch, tiles_per_group, splits),
+            (q, k_cache, block_table if paged else dummy_int,
+             seq_lens if seq_lens is not None else dummy_int,
+             partial_out, partial_lse, out, lse,
+             scale, capacity, group_size, q.stride(0), q.stride(1), k0, k1,
+             block_table.stride(0) if paged else 0,
+             partial_out.stride(0), partial_out.stride(1),
+             partial_out.stride(2) if splits > 1 else 0,
+             partial_lse.stride(0), partial_lse.stride(1),
+             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+            dict(HEAD_DA=head_da, HEAD_DT=head_dt, BLOCK_H=config.block_h,
+                 BLOCK_N=config.block_n, NUM_STAGES=config.num_stages, NUM_SPLITS=splits,
+                 PAGE_SIZE=page_size, PAGED=paged, HAS_SEQLENS=seq_lens is not None),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            writes=(4, 5) if splits > 1 else (6, 7),
+        )
+    else:
+        stage1 = KernelLaunch(
+            _STAGE1,
+            (batch, num_kv_heads * tiles_per_group, splits),
+            (q, k_cache, v, block_table if paged else dummy_int,
+             seq_lens if seq_lens is not None else dummy_int, mask,
+             k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
+             partial_out, partial_lse, out, lse,
+             scale, softcap, window if has_window else 0, capacity, group_size,
+             tiles_per_group,
+             q.stride(0), q.stride(1),
+             k0, k1, kh, v0, v1, vh,
+             block_table.stride(0) if paged else 0, stride_mb, stride_ms,
+             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2) if splits > 1 else 0,
+             partial_lse.stride(0), partial_lse.stride(1),
+             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+            dict(HEAD_DA=head_da, HEAD_DT=head_dt, HEAD_DV=head_dv,
+                 BLOCK_DA=block_da, BLOCK_DT=block_dt, BLOCK_DV=block_dv,
+                 BLOCK_H=config.block_h, BLOCK_N=config.block_n, NUM_SPLITS=splits,
+                 PAGE_SIZE=page_size, PAGED=paged, SHARED_KV=shared_kv,
+                 HAS_SEQLENS=seq_lens is not None, HAS_MASK=has_mask, MASK_IS_BOOL=mask_is_bool,
+                 HAS_SOFTCAP=softcap > 0.0, HAS_WINDOW=has_window,
+                 HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            # (partial_out, partial_lse) with splits to merge, else (out, lse)
+            writes=(8, 9) if splits > 1 else (10, 11),
+        )
     if splits == 1:
         return out, lse, config, [stage1]
     merge_dv = min(block_dv, config.merge_dv)
