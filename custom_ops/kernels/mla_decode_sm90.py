@@ -14,7 +14,8 @@ Here every operand's place is explicit:
 
 * shared memory: the query tile (``64 x 576``, 72 KB), ``NUM_STAGES`` latent tiles
   (``BLOCK_N x 576`` each) filled by ``cp.async`` ahead of use, and P (``64 x BLOCK_N``);
-* registers: S (``64 x BLOCK_N`` fp32) and O (``64 x 512`` fp32). 8 warps form two
+* registers: S (``64 x BLOCK_N`` fp32), the softmax denominators per key column (same
+  shape, summed over columns once at the end) and O (``64 x 512`` fp32). 8 warps form two
   warpgroups; both MMA layouts put warpgroup ``w`` on columns ``[w N/2, (w+1) N/2)``,
   so each warpgroup computes half of S's key columns and half of O's 512 features: no
   product is computed twice.
@@ -166,7 +167,10 @@ if HAVE_GLUON:
 
         qk_scale = sm_scale * _LOG2E  # logits in base 2
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        # the softmax denominators stay per (row, key column) until the end: one reduction
+        # across the warpgroups per tile (the maxima) instead of two (H100 A/B, 8 points:
+        # 0-4% faster at 128 heads, equal at 16; 217 instead of 246 registers)
+        l2d = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
         acc = gl.zeros([BLOCK_H, HEAD_DA], gl.float32, layout=o_layout)
         offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
 
@@ -197,7 +201,7 @@ if HAVE_GLUON:
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
             p = gl.exp2(qk - m_safe[:, None])
             alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            l2d = l2d * alpha[:, None] + p
             m_i = m_new
 
             p_smem.store(p.to(dtype))
@@ -209,6 +213,7 @@ if HAVE_GLUON:
 
         async_copy.wait_group(0)
 
+        l_i = gl.sum(l2d, 1)
         # ---- epilogue (natural-log LSE, as the Triton stage 1)
         has_mass = l_i > 0.0
         inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
