@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -142,3 +143,14 @@ def _override(lib: torch.library.Library, record: str, name: str, kernel) -> boo
     except RuntimeError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    # torch.cuda.get_device_capability reads the device properties on every call
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA device (cached: ops ask on every call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]

@@ -98,7 +98,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._dispatch import register_direct_kernels
+from ._dispatch import cuda_major, register_direct_kernels
 
 # --------------------------------------------------------------------------- limits
 #: Scratch the MHA form may allocate at once for the decompressed K (D_nope + D_rope per
@@ -195,17 +195,6 @@ RULES: dict[str, PrefillRule] = {
     # CPU and other GPUs run the torch forms; the MHA form does fewer FLOPs per pair.
     "default": PrefillRule("default"),
 }
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    # torch.cuda.get_device_capability reads the device properties on every call
-    return torch.cuda.get_device_capability(index)
-
-
-def cuda_major(device: torch.device) -> int:
-    """Compute capability major of a CUDA device (cached: the op asks on every call)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
 def rule_for(device: torch.device) -> PrefillRule:

@@ -406,10 +406,9 @@ def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
         return "a symbolic scalar argument"
     from ..custom_ops.kernels import mla_decode_sm90 as sm90
 
-    if fakes["v_cache"] is None and sm90.supports(
-            fakes["q"], fakes["k_cache"], None, fakes["block_table"], fakes["mask"],
-            float(a["softcap"]), int(a["window"]), fakes["k_scale"], fakes["v_scale"],
-            a["v_head_dim"]):
+    if sm90.supports(fakes["q"], fakes["k_cache"], fakes["v_cache"], fakes["block_table"],
+                     fakes["mask"], float(a["softcap"]), int(a["window"]), fakes["k_scale"],
+                     fakes["v_scale"], a["v_head_dim"]):
         return "the SM90 MLA kernel is a Gluon kernel (Inductor launches Triton kernels)"
     emit = _Emitter(graph, node, fake_mode)
     for k, t in tensors.items():

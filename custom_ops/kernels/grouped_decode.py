@@ -499,8 +499,8 @@ def plan_grouped_decode(
     group_size = num_q_heads // num_kv_heads
     head_dv = v_head_dim if shared_kv else v_cache.shape[-1]
     if config is None:
-        eligible = shared_kv and sm90.supports(q, k_cache, v_cache, block_table, mask, softcap,
-                                               window, k_scale, v_scale, v_head_dim)
+        eligible = sm90.supports(q, k_cache, v_cache, block_table, mask, softcap, window,
+                                 k_scale, v_scale, v_head_dim)
         config = decode_settings(batch=batch, num_kv_heads=num_kv_heads, group_size=group_size,
                                  head_dim_k=head_dim_k, capacity=capacity, device=q.device,
                                  paged=paged, sm90_eligible=eligible, **overrides)

@@ -42,9 +42,9 @@ checked against the float32 reference on the GPU (``benchmarks/bench_decode.py -
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .._dispatch import cuda_major
 
 try:  # Gluon ships with Triton >= 3.5; its Hopper module with wgmma and cp.async
     from triton.experimental import gluon
@@ -261,14 +261,5 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
             and q.shape[-1] == LATENT_DIM + ROPE_DIM and v_head_dim == LATENT_DIM
             and num_kv_heads == 1 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
             and _aligned(q, (q.stride(0), q.stride(1))) and _aligned(k_cache, row_strides)
-            and _capability(q.device)[0] == 9)
+            and cuda_major(q.device) == 9)
 
-
-@functools.lru_cache(maxsize=None)
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    return _capability_of(device.index if device.index is not None
-                          else torch.cuda.current_device())
