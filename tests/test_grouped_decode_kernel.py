@@ -14,7 +14,10 @@ from attnfuse.custom_ops.grouped_decode import reference
 from attnfuse.custom_ops.kernels import grouped_decode as kernel_module
 from attnfuse.custom_ops.kernels.grouped_decode import (
     AUTO_MAX_KV_SPLITS,
+    MERGE_DV_CHUNK,
+    choose_merge_dv,
     choose_num_kv_splits,
+    decode_settings,
     grouped_decode_kernel,
 )
 
@@ -189,6 +192,30 @@ def test_merge_shapes_agree(merge):
     _check(out, lse, *_reference64(q, k, v, seq_lens=lens, scale=0.3), FP32_TOL)
     with pytest.raises(ValueError, match="merge_dv"):
         grouped_decode_kernel(q, k, v, scale=0.3, merge_dv=24)
+
+
+def test_merge_width_rule():
+    # many (batch, head) rows merging few splits: whole rows per stage-2 program
+    assert choose_merge_dv(64, 16, 512, 2, 132) == 512     # MLA-16 B=64
+    assert choose_merge_dv(16, 128, 512, 4, 132) == 512    # MLA-128 B=16: 8 KB of partials
+    assert choose_merge_dv(16, 32, 128, 4, 132) == 128     # GQA B=16
+    # capped by the partials one program reads (8 splits x 256 x 4 bytes = 8 KB)
+    assert choose_merge_dv(16, 16, 512, 8, 132) == 256
+    # batch 1: many splits and a small grid keep the narrow chunks
+    assert choose_merge_dv(1, 32, 128, 66, 132) == MERGE_DV_CHUNK
+    assert choose_merge_dv(1, 16, 512, 128, 132) == MERGE_DV_CHUNK
+    assert choose_merge_dv(1, 32, 128, 16, 132) == MERGE_DV_CHUNK  # 64 programs < 132 SMs
+    # never wider than V's (padded) head dim
+    assert choose_merge_dv(64, 8, 48, 2, 8) == 64
+    # the settings use it unless merge_dv is forced; V's head dim comes from head_dim_v
+    cfg = decode_settings(batch=64, num_kv_heads=1, group_size=16, head_dim_k=576,
+                          head_dim_v=512, capacity=4096, device=torch.device("cpu"),
+                          num_kv_splits=2)
+    assert cfg.merge_dv == 512
+    cfg = decode_settings(batch=64, num_kv_heads=1, group_size=16, head_dim_k=576,
+                          head_dim_v=512, capacity=4096, device=torch.device("cpu"),
+                          num_kv_splits=2, merge_dv=32)
+    assert cfg.merge_dv == 32
 
 
 def test_split_rule():

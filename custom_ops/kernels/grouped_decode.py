@@ -82,9 +82,17 @@ MAX_KV_SPLITS = 512
 #: per step, 64 features, 4 warps); one step and twice the programs: 12.4 us; MLA-16
 #: ctx 32k 27.4 -> 24.4 us. Within 4% of the best of 18 shapes at each of 7 points.
 MERGE_CHUNK = AUTO_MAX_KV_SPLITS
-#: output features one stage-2 program merges: at batch 1 the (B, Hq) merge grid is only
-#: Hq programs, each reading splits x Dv fp32 partials; cutting Dv spreads that over SMs
+#: output features one stage-2 program merges, at least: at batch 1 the (B, Hq) merge grid
+#: is only Hq programs, each reading splits x Dv fp32 partials; cutting Dv spreads that
+#: over SMs. ``choose_merge_dv`` widens it where the grid is large anyway
 MERGE_DV_CHUNK = 32
+#: partials one stage-2 program reads at most when its width is chosen (splits x width x
+#: fp32). H100 (benchmarks/results/bench_decode_sweep_v10.md): with few splits and many
+#: rows, whole rows per program beat 32-feature chunks (MLA-16 B=64 ctx 4k, 2 splits:
+#: 123.3 -> 114.6 us; MLA-128 B=16 ctx 32k, 4 splits: 412 -> 366 us; GQA B=16 ctx 1k:
+#: 31.4 -> 30.7 us); at batch 1 (64-128 splits) wider chunks lose (GQA ctx 8k, 66 splits:
+#: 12.7 us at 32 features, 15.9 at 128)
+MERGE_MAX_BYTES = 8 * 1024
 MERGE_WARPS = 1
 #: programs per SM stage 1 aims for. More, shorter programs shrink the tail of the last
 #: wave; measured on H100 (benchmarks/results/bench_decode_sweep_v1.md): GQA B=16 ctx 8k
@@ -351,6 +359,23 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
 
 
+def choose_merge_dv(batch: int, num_q_heads: int, head_dim_v: int, num_kv_splits: int,
+                    num_sms: int) -> int:
+    """Output features per stage-2 program: the widest power of two from ``MERGE_DV_CHUNK``
+    up to the padded ``head_dim_v`` whose program reads at most ``MERGE_MAX_BYTES`` of
+    partials and whose grid (``batch * num_q_heads * cdiv(head_dim_v, width)`` programs)
+    still has one program per SM. Many (batch, head) rows merging few splits thus take
+    whole rows (fewer, fuller programs); batch 1 with many splits keeps narrow chunks.
+    """
+    width = MERGE_DV_CHUNK
+    widest = next_pow2(head_dim_v)
+    rows = next_pow2(num_kv_splits)  # stage 2 pads its split tile to a power of two
+    while (width * 2 <= widest and rows * width * 2 * 4 <= MERGE_MAX_BYTES
+           and batch * num_q_heads * cdiv(head_dim_v, width * 2) >= num_sms):
+        width *= 2
+    return width
+
+
 def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_k: int,
                     capacity: int, device: torch.device, paged: bool = True,
                     num_kv_splits: int | None = None,
@@ -358,7 +383,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                     num_warps: int | None = None, num_stages: int | None = None,
                     merge_chunk: int | None = None, merge_dv: int | None = None,
                     merge_warps: int | None = None, sm90_eligible: bool = False,
-                    kernel: str | None = None) -> DecodeConfig:
+                    kernel: str | None = None, head_dim_v: int | None = None) -> DecodeConfig:
     """The one place launch settings are chosen; every argument may be forced (tests, tuning).
 
     Defaults are the winners of the H100 sweeps (``benchmarks/results/bench_decode_sweep*.md``):
@@ -376,6 +401,10 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
     tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
     ``SM90_PROGRAMS_PER_SM`` as the split target.
+
+    Stage 2 merges every split in one step with one warp per program; its width in
+    output features comes from ``choose_merge_dv`` (``head_dim_v``: V's head dim,
+    ``head_dim_k`` when not given).
     """
     if kernel not in (None, "triton", "sm90"):
         raise ValueError(f"kernel: expected 'triton' or 'sm90', got {kernel!r}")
@@ -384,6 +413,14 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                          "(see attnfuse.custom_ops.kernels.mla_decode_sm90.supports)")
     if kernel is None:
         kernel = "sm90" if sm90_eligible else "triton"
+    for name, value in (("merge_chunk", merge_chunk), ("merge_dv", merge_dv)):
+        if value is not None and (value < 2 or value & (value - 1)):
+            raise ValueError(f"{name}: expected a power of two >= 2, got {value}")
+
+    def merge_width(splits: int) -> int:
+        return merge_dv or choose_merge_dv(batch, num_kv_heads * group_size,
+                                           head_dim_v or head_dim_k, splits, sm_count(device))
+
     if kernel == "sm90":
         if block_h not in (None, sm90.BLOCK_H):
             raise ValueError(f"block_h: the sm90 kernel computes {sm90.BLOCK_H} heads per program")
@@ -395,7 +432,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
             raise ValueError(f"num_kv_splits: expected 1..{MAX_KV_SPLITS}, got {num_kv_splits}")
         return DecodeConfig(sm90.BLOCK_H, block_n or SM90_BLOCK_N, sm90.NUM_WARPS,
                             num_stages or SM90_NUM_STAGES, num_kv_splits,
-                            merge_chunk or MERGE_CHUNK, merge_dv or MERGE_DV_CHUNK,
+                            merge_chunk or MERGE_CHUNK, merge_width(num_kv_splits),
                             merge_warps or MERGE_WARPS, kernel="sm90")
     wide = head_dim_k > WIDE_HEAD_DIM
     if block_h is None:
@@ -419,12 +456,9 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
         # (B=1 ctx 8k, 66 splits: static at 128 19.7 us, paged at 64 14.7 us)
         wide_block = not paged and not many
         default_n, default_warps, default_stages = (128, 4, 3) if wide_block else (64, 4, 3)
-    for name, value in (("merge_chunk", merge_chunk), ("merge_dv", merge_dv)):
-        if value is not None and (value < 2 or value & (value - 1)):
-            raise ValueError(f"{name}: expected a power of two >= 2, got {value}")
     return DecodeConfig(block_h, block_n or default_n, num_warps or default_warps,
                         num_stages or default_stages, num_kv_splits,
-                        merge_chunk or MERGE_CHUNK, merge_dv or MERGE_DV_CHUNK,
+                        merge_chunk or MERGE_CHUNK, merge_width(num_kv_splits),
                         merge_warps or MERGE_WARPS)
 
 
@@ -503,7 +537,8 @@ def plan_grouped_decode(
                                  k_scale, v_scale, v_head_dim)
         config = decode_settings(batch=batch, num_kv_heads=num_kv_heads, group_size=group_size,
                                  head_dim_k=head_dim_k, capacity=capacity, device=q.device,
-                                 paged=paged, sm90_eligible=eligible, **overrides)
+                                 paged=paged, sm90_eligible=eligible, head_dim_v=head_dv,
+                                 **overrides)
     v = k_cache if shared_kv else v_cache
     # K splits into the part multiplied with V's columns (shared-latent mode) and a tail
     head_da = head_dv if shared_kv else head_dim_k
