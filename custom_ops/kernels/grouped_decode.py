@@ -402,9 +402,9 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
     ``SM90_PROGRAMS_PER_SM`` as the split target.
 
-    Stage 2 merges every split in one step with one warp per program; its width in
-    output features comes from ``choose_merge_dv`` (``head_dim_v``: V's head dim,
-    ``head_dim_k`` when not given).
+    Stage 2 merges up to ``MERGE_CHUNK`` splits per step (all of an automatic split
+    count) with ``MERGE_WARPS`` per program; its width in output features comes from
+    ``choose_merge_dv`` (``head_dim_v``: V's head dim, ``head_dim_k`` when not given).
     """
     if kernel not in (None, "triton", "sm90"):
         raise ValueError(f"kernel: expected 'triton' or 'sm90', got {kernel!r}")
