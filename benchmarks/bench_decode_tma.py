@@ -31,7 +31,7 @@ sys.path.insert(0, "benchmarks")
 from common import bench_us  # noqa: E402
 
 from attnfuse.custom_ops.kernels.grouped_decode import (  # noqa: E402
-    _kv_range, _split_bounds, decode_settings, plan_grouped_decode)
+    _kv_range, _softmax_step, _split_bounds, decode_settings, plan_grouped_decode)
 
 DEV = os.environ.get("PROBE_DEV", "cuda")
 DT = torch.bfloat16
@@ -66,11 +66,7 @@ def _block(acc, m_i, l_i, q_a, q_t, kd_a, kd_t, vd, BlockTable, bt_row, outer, k
     pos_ok = (start + offs_n) < hi
     if MASKED:
         qk = tl.where(pos_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(qk - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
     if SHARED_KV:
         v = k_a
     else:

@@ -141,6 +141,18 @@ def _split_bounds(kv_start, kv_end, split, NUM_SPLITS: tl.constexpr, SPLIT_ALIGN
 
 
 @triton.jit
+def _softmax_step(qk, m_i, l_i):
+    """Online-softmax update for one block of logits ``qk`` (rows: heads): the block's
+    weights ``p``, the rescale ``alpha`` of what came before, the new max and sum."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # all-masked so far: subtract 0 instead of -inf so exp gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _grouped_decode_stage1(
     Q, K, V, BlockTable, SeqLens, Mask, KScale, VScale,
     PartialOut, PartialLse, Out, Lse,
@@ -233,12 +245,7 @@ def _grouped_decode_stage1(
                 qk = qk + mval.to(tl.float32)[None, :]
         qk = tl.where(pos_ok[None, :], qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # all-masked so far: subtract 0 instead of -inf so exp gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
         if SHARED_KV:
             v = k_a
         else:
