@@ -100,6 +100,10 @@ MERGE_WARPS = 1
 #: SM: a 576-wide tile leaves room for fewer resident programs) 271 us vs 8 splits 386 us
 TARGET_PROGRAMS_PER_SM = 4
 TARGET_PROGRAMS_PER_SM_WIDE = 2
+#: ... and where the unsplit programs alone make at least half a wave (one per SM), fewer,
+#: longer splits: H100 (benchmarks/results/bench_decode_sweep_v11.md), GQA B=16, two runs:
+#: 3 splits beat 4 at ctx 1k-128k by 0.6-2.6% (ctx 8k 186 vs 188 us and 183.5 vs 185.9)
+TARGET_PROGRAMS_PER_SM_FILLED = 3
 #: a split count from which stage 1 is latency-bound (few KV blocks per program), which
 #: changes the best block shape (see ``decode_settings``)
 MANY_SPLITS = 16
@@ -349,18 +353,21 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
 
     ``batch * num_kv_heads * head_tiles`` programs exist without splitting. Splitting
     multiplies them to the multiple nearest ``TARGET_PROGRAMS_PER_SM * num_sms``
-    (``..._WIDE`` for wide latent rows, of which fewer programs fit on one SM), so a
-    batch that already fills the GPU gets 1 split. It is bounded by ``capacity /
+    (``..._WIDE`` for wide latent rows, of which fewer programs fit on one SM;
+    ``..._FILLED`` where the unsplit programs already make half a wave), so a batch that
+    already fills the GPU gets 1 split. It is bounded by ``capacity /
     MIN_KV_PER_SPLIT`` (each split must carry enough KV to amortize its partial write
     and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is the static bound of the
     sequence length (cache length, or pages x page size): the actual per-sequence
     lengths live on the device and reading them would synchronize; stage 1 divides each
     sequence's own length by the split count, so ragged batches stay balanced.
     """
-    if per_sm is None:
-        per_sm = TARGET_PROGRAMS_PER_SM_WIDE if wide else TARGET_PROGRAMS_PER_SM
     programs = batch * num_kv_heads * head_tiles
     programs = max(programs, 1)
+    if per_sm is None:
+        per_sm = (TARGET_PROGRAMS_PER_SM_WIDE if wide
+                  else TARGET_PROGRAMS_PER_SM_FILLED if 2 * programs >= num_sms
+                  else TARGET_PROGRAMS_PER_SM)
     wanted = (per_sm * num_sms + programs // 2) // programs  # nearest whole multiple
     worthwhile = max(capacity // MIN_KV_PER_SPLIT, 1)
     return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
