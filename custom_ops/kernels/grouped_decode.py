@@ -593,7 +593,7 @@ def plan_grouped_decode(
     if config.kernel == "sm90":
         stage1 = KernelLaunch(
             _STAGE1_SM90,
-            (batch, tiles_per_group, splits),
+            (tiles_per_group, batch, splits),
             (q, k_cache, block_table if paged else dummy_int,
              seq_lens if seq_lens is not None else dummy_int,
              partial_out, partial_lse, out, lse,

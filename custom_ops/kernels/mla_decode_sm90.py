@@ -111,8 +111,10 @@ if HAVE_GLUON:
     ):
         gl.static_assert(BLOCK_H == 64)
         gl.static_assert(NUM_STAGES >= 2)
-        b = gl.program_id(0)
-        tile = gl.program_id(1)
+        # head tiles vary fastest: the tiles of one sequence split run side by side and
+        # share their latent reads through L2 even when the grid takes several waves
+        tile = gl.program_id(0)
+        b = gl.program_id(1)
         split = gl.program_id(2)
         dtype: gl.constexpr = Q.dtype.element_ty
 
