@@ -228,8 +228,8 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     CPU tensors run the plain-torch reference (the Triton kernel under the interpreter
     inside ``kernel_on_cpu()``); CUDA tensors run the split-KV kernel, whose stage 1 is the
     Triton kernel or, for MLA calls on SM90, the Gluon kernel of ``kernels/mla_decode_sm90.py``
-    (``kernels.grouped_decode.decode_settings`` decides; 1.07-2.35x the Triton stage 1 on
-    H100 but 0.95x at MLA-16 B=1 ctx 4k, ``benchmarks/results/bench_decode.md``).
+    (``kernels.grouped_decode.decode_settings`` decides; 1.08-2.08x the Triton stage 1 on
+    H100 but 0.98x at MLA-16 B=1 ctx 4k, ``benchmarks/results/bench_decode.md``).
 
     FlashInfer is never picked, although it is installed where this runs on H100:
 
@@ -239,7 +239,7 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     * where a plan could be hoisted, ``benchmarks/results/bench_decode.md`` shows no GQA
       point where it is faster than this kernel by more than noise (0.99-1.01x), while
       for MLA (SM90 stage 1) it *is* faster at 128 heads from batch 16 or context 128k
-      (1.1-1.6x) and at 16 heads at context 4k with batch 16-64 (1.08-1.09x). Those are the shapes an engine that plans once per step outside the
+      (1.1-1.4x) and at 16 heads at context 4k with batch 16-64 (1.02-1.03x). Those are the shapes an engine that plans once per step outside the
       graph should route to ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):
