@@ -225,9 +225,12 @@ def test_split_rule():
     # capped by what a long context can carry, and by the hard maximum
     assert choose_num_kv_splits(1, 8, 1, 1024, 132) == 1024 // 64
     assert choose_num_kv_splits(1, 1, 1, 1 << 20, 132) == AUTO_MAX_KV_SPLITS
-    # unsplit programs making half a wave or more: three programs per SM, not four
+    # unsplit programs numbering half the SMs or more: three programs per SM, not four
     assert choose_num_kv_splits(16, 8, 1, 32768, 132) == 3
     assert choose_num_kv_splits(8, 8, 1, 32768, 132) == 8
+    # one program per SM: never past a whole wave (7 x 19 = 133 > 132 programs)
+    assert choose_num_kv_splits(7, 1, 1, 32768, 132, per_sm=1) == 18
+    assert choose_num_kv_splits(2, 1, 2, 32768, 132, per_sm=1) == 33
     # a batch that already fills the GPU is not split
     assert choose_num_kv_splits(64, 8, 1, 32768, 132) == 1
     assert choose_num_kv_splits(1 << 12, 8, 1, 32768, 132) == 1

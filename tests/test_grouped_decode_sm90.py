@@ -101,6 +101,18 @@ def test_split_counts_agree_with_the_triton_kernel(mark):
     torch.testing.assert_close(outs[0], triton_out, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("batch", [sm90.MAX_BATCH, sm90.MAX_BATCH + 1])
+@pytest.mark.gpu
+@pytest.mark.skipif(not (_on_sm90() and sm90.HAVE_GLUON), reason="needs an SM90 GPU")
+def test_batch_past_the_grid_limit_is_left_to_triton(batch):
+    # the batch is the grid's second dimension; expanded views: nothing is allocated
+    q = torch.randn(1, 16, D, device="cuda", dtype=torch.bfloat16).expand(batch, 16, D)
+    kv = torch.randn(1, 64, 1, D, device="cuda", dtype=torch.bfloat16)
+    table = torch.zeros(1, 1, device="cuda", dtype=torch.int32).expand(batch, 1)
+    takes_it = sm90.supports(q, kv, None, table, None, 0.0, -1, None, None, CKV)
+    assert takes_it == (batch <= sm90.MAX_BATCH)
+
+
 # ------------------------------------------------------------------ CPU: which calls take it
 def test_cpu_calls_never_take_it():
     q = torch.randn(2, 16, D, dtype=torch.float16)

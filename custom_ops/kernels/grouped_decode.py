@@ -100,9 +100,10 @@ MERGE_WARPS = 1
 #: SM: a 576-wide tile leaves room for fewer resident programs) 271 us vs 8 splits 386 us
 TARGET_PROGRAMS_PER_SM = 4
 TARGET_PROGRAMS_PER_SM_WIDE = 2
-#: ... and where the unsplit programs alone make at least half a wave (one per SM), fewer,
-#: longer splits: H100 (benchmarks/results/bench_decode_sweep_v11.md), GQA B=16, two runs:
-#: 3 splits beat 4 at ctx 1k-128k by 0.6-2.6% (ctx 8k 186 vs 188 us and 183.5 vs 185.9)
+#: ... and where the unsplit programs alone number at least half the SMs: fewer, longer
+#: splits. H100 (benchmarks/results/bench_decode_sweep_v11.md), GQA 32/8 heads at B=16
+#: (128 unsplit programs), two runs: 3 splits beat 4 at ctx 1k-128k by 0.6-2.6% (ctx 8k
+#: 186 vs 188 us and 183.5 vs 185.9); at B=8 (64 programs) 6 and 8 splits tie
 TARGET_PROGRAMS_PER_SM_FILLED = 3
 #: a split count from which stage 1 is latency-bound (few KV blocks per program), which
 #: changes the best block shape (see ``decode_settings``)
@@ -354,10 +355,11 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     ``batch * num_kv_heads * head_tiles`` programs exist without splitting. Splitting
     multiplies them to the multiple nearest ``TARGET_PROGRAMS_PER_SM * num_sms``
     (``..._WIDE`` for wide latent rows, of which fewer programs fit on one SM;
-    ``..._FILLED`` where the unsplit programs already make half a wave), so a batch that
-    already fills the GPU gets 1 split. It is bounded by ``capacity /
-    MIN_KV_PER_SPLIT`` (each split must carry enough KV to amortize its partial write
-    and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is the static bound of the
+    ``..._FILLED`` where the unsplit programs number at least half the SMs), so a batch
+    that already fills the GPU gets 1 split. At one program per SM (the SM90 MLA kernel)
+    it rounds down instead: programs past a whole wave would run alone in a second one.
+    It is bounded by ``capacity / MIN_KV_PER_SPLIT`` (each split must carry enough KV to
+    amortize its partial write and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is the static bound of the
     sequence length (cache length, or pages x page size): the actual per-sequence
     lengths live on the device and reading them would synchronize; stage 1 divides each
     sequence's own length by the split count, so ragged batches stay balanced.
@@ -368,7 +370,13 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
         per_sm = (TARGET_PROGRAMS_PER_SM_WIDE if wide
                   else TARGET_PROGRAMS_PER_SM_FILLED if 2 * programs >= num_sms
                   else TARGET_PROGRAMS_PER_SM)
-    wanted = (per_sm * num_sms + programs // 2) // programs  # nearest whole multiple
+    if per_sm == 1:
+        # one resident program per SM: programs past a whole wave run in a second one of
+        # their own, so round down (H100, MLA-16 B=7 ctx 32k: 18 splits, 126 programs,
+        # 102.5 us; 19 splits, 133 programs, 161 us; bench_decode_sweep_v11.md)
+        wanted = max(num_sms // programs, 1)
+    else:
+        wanted = (per_sm * num_sms + programs // 2) // programs  # nearest whole multiple
     worthwhile = max(capacity // MIN_KV_PER_SPLIT, 1)
     return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
 

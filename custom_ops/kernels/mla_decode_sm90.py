@@ -33,11 +33,11 @@ writes zeros, so page tails are never read), an empty split writes ``(0, -inf)``
 sequence of length 0 gives output 0 and LSE -inf.
 
 Scope: bf16 or fp16 query and cache, one latent head (``Hkv = 1``), 512 + 64 features,
-paged (any page size) or static cache, optional per-sequence lengths; no mask, softcap,
-window or fp8 scales (``supports`` says which calls qualify). Gluon kernels do not run
-under the Triton interpreter: on CPU the Triton kernel is what is tested; this one is
-checked against the float32 reference on the GPU (``benchmarks/bench_decode.py --check``,
-``tests/test_grouped_decode_gpu.py``).
+paged (any page size) or static cache, optional per-sequence lengths, batch up to
+``MAX_BATCH``; no mask, softcap, window or fp8 scales (``supports`` says which calls
+qualify). Gluon kernels do not run under the Triton interpreter: on CPU the Triton
+kernel is what is tested; this one is checked against the float32 reference on the GPU
+(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_gpu.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ BLOCK_H = 64
 LATENT_DIM = 512
 ROPE_DIM = 64
 NUM_WARPS = 8
+#: the batch is the grid's second dimension (head tiles vary fastest), which CUDA caps
+MAX_BATCH = 65535
 
 
 if HAVE_GLUON:
@@ -261,7 +263,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
                    else (k_cache.stride(0), k_cache.stride(2)))
     return (q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
             and q.shape[-1] == LATENT_DIM + ROPE_DIM and v_head_dim == LATENT_DIM
-            and num_kv_heads == 1 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+            and num_kv_heads == 1 and q.shape[0] <= MAX_BATCH
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1
             and _aligned(q, (q.stride(0), q.stride(1))) and _aligned(k_cache, row_strides)
             and cuda_major(q.device) == 9)
 
