@@ -239,8 +239,9 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     * where a plan could be hoisted, ``benchmarks/results/bench_decode.md`` shows no GQA
       point where it is faster than this kernel by more than noise (0.99-1.01x), while
       for MLA (SM90 stage 1) it *is* faster at 128 heads from batch 16 or context 128k
-      (1.1-1.4x) and at 16 heads at context 4k with batch 16-64 (1.02-1.03x). Those are the shapes an engine that plans once per step outside the
-      graph should route to ``BatchMLAPagedAttentionWrapper``; this op does not.
+      (1.1-1.4x) and at 16 heads at context 4k with batch 16-64 (1.02-1.03x). Those are
+      the shapes an engine that plans once per step outside the graph should route to
+      ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):
         return "triton"

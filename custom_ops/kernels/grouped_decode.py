@@ -359,10 +359,11 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     that already fills the GPU gets 1 split. At one program per SM (the SM90 MLA kernel)
     it rounds down instead: programs past a whole wave would run alone in a second one.
     It is bounded by ``capacity / MIN_KV_PER_SPLIT`` (each split must carry enough KV to
-    amortize its partial write and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is the static bound of the
-    sequence length (cache length, or pages x page size): the actual per-sequence
-    lengths live on the device and reading them would synchronize; stage 1 divides each
-    sequence's own length by the split count, so ragged batches stay balanced.
+    amortize its partial write and merge) and by ``AUTO_MAX_KV_SPLITS``. ``capacity`` is
+    the static bound of the sequence length (cache length, or pages x page size): the
+    actual per-sequence lengths live on the device and reading them would synchronize;
+    stage 1 divides each sequence's own length by the split count, so ragged batches
+    stay balanced.
     """
     programs = batch * num_kv_heads * head_tiles
     programs = max(programs, 1)
