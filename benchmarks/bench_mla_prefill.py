@@ -19,7 +19,9 @@ outside timing, as serving engines do per batch); ``op`` times the whole custom 
 Floor per point: max(FLOPs / 989 TFLOP/s dense bf16 peak, bytes / measured copy bandwidth);
 FLOPs count causal pairs only. Run: ``python benchmarks/bench_mla_prefill.py`` (the sweep);
 ``--op [NAME]``: the whole op, automatic choice against both forced forms, offsets on the GPU
-and on the host; ``--decompress``: the MHA form's decompression against two GEMMs + concat.
+and on the host; ``--decompress``: the MHA form's decompression against two GEMMs + concat;
+``--inputs``: the MHA form's q, K and V from one Triton launch against the torch form (GPU and
+host time).
 """
 
 from __future__ import annotations
@@ -582,6 +584,71 @@ def decompress_timing():
                       flush=True)
 
 
+def _host_us(fn, n: int = 300) -> float:
+    """Median host time of ``fn()`` issued without synchronization (the GPU drained every
+    50 calls so the launch queue never fills)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    with QuietHost():
+        for i in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+            if i % 50 == 49:
+                torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return 1e6 * statistics.median(samples)
+
+
+def _torch_mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv):
+    k, v = mp.decompress_kv(ckv, k_pe, w_uk, w_uv)
+    return torch.cat([q_nope, q_pe], dim=-1), k, v
+
+
+def inputs_timing():
+    """The MHA form's q, K and V: one Triton launch (``kernels/mla_decompress``) against the
+    torch form (two in-place GEMMs, a copy, a concatenation). Checks both against float32
+    (contiguous weights and kv_b_proj views), then GPU time (CUDA graphs) and host time."""
+    from attnfuse.custom_ops.kernels import mla_decompress as md
+
+    keys = ("q_nope", "q_pe", "ckv", "k_pe", "w_uk", "w_uv")
+    for H, T in ((16, 1), (16, 100), (128, 4097), (16, 16384)):
+        inp = make_inputs([T], H)
+        a = [inp[k] for k in keys]
+        w = torch.cat([a[4], a[5].transpose(1, 2)], 1).contiguous()  # (H, 256, 512) kv_b_proj
+        for name, (w_uk, w_uv) in (("contiguous", (a[4], a[5])),
+                                   ("kv_b_proj view", (w[:, :D_NOPE], w[:, D_NOPE:].transpose(1, 2)))):
+            args = (*a[:4], w_uk, w_uv)
+            k_ref = torch.einsum("tr,hdr->thd", args[2].float(), w_uk.float())
+            v_ref = torch.einsum("tr,hrd->thd", args[2].float(), w_uv.float())
+            errs = []
+            for fn in (md.mha_inputs, _torch_mha_inputs):
+                q, k, v = fn(*args)
+                assert torch.equal(q, torch.cat([args[0], args[1]], -1))
+                assert torch.equal(k[..., D_NOPE:], args[3][:, None].expand(T, H, D_ROPE))
+                errs.append(max((k[..., :D_NOPE].float() - k_ref).abs().max().item(),
+                                (v.float() - v_ref).abs().max().item()))
+            assert errs[0] <= 2 * errs[1] + 1e-2, (H, T, name, errs)
+            print(f"check H={H} T={T} {name}: max |err| fused {errs[0]:.4f}, torch {errs[1]:.4f}")
+    print("| H | T | fused_gpu_us | torch_gpu_us | fused_TFLOP/s | torch_TFLOP/s | fused_host_us | torch_host_us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for H in HEADS:
+        for T in (128, 512, 2048, 8192, 16384):
+            inp = make_inputs([T], H)
+            a = [inp[k] for k in keys]
+            g = [statistics.median(bench_us(lambda f=f, a=a: f(*a), cuda_graph=True) for _ in range(3))
+                 for f in (md.mha_inputs, _torch_mha_inputs)]
+            h = ([_host_us(lambda f=f, a=a: f(*a)) for f in (md.mha_inputs, _torch_mha_inputs)]
+                 if T <= 2048 else [float("nan")] * 2)
+            tflops = [2 * T * R * (D_NOPE + D_V) * H / t / 1e6 for t in g]
+            print(f"| {H} | {T} | {g[0]:.1f} | {g[1]:.1f} | {tflops[0]:.0f} | {tflops[1]:.0f} | "
+                  f"{h[0]:.0f} | {h[1]:.0f} |", flush=True)
+            del inp, a
+            torch.cuda.empty_cache()
+
+
 def rescore(path):
     """Re-apply the op's current rule to measured rows (after a rule change)."""
     import json
@@ -621,15 +688,17 @@ COLUMNS = ["attention", "heads", "batch", "max_len", "tokens", "mha_us", "absorb
 
 
 FINDINGS = """Findings (H100). Dense: the MHA form's kernels are faster than the absorbed form's at
-every point in GPU time (*_graph_us, CUDA graphs: 1.2x at 128 tokens x 16 heads up to 3.6x at
-16k; 1.4x to 3.7x at 128 heads) and in eager time from 1k tokens on. The op itself runs outside
-CUDA graphs, and up to about 2k tokens its calls are host-bound (260-300 us of host work for
-either form against 20-100 us of kernels); there the absorbed form's calls measured faster, so
-the rule takes the absorbed form for dense calls of at most 2048 tokens (8 sequences) at 16 heads
-and 512 tokens (4 sequences) at 128 heads, MHA for the others whose decompressed K/V fit 2 GiB
-(mla_prefill_op.md: whole-op wall times over five runs; the auto column here is rescored with
-that rule). Sparse (top-k 2048): the MHA form is exact only up to k tokens (covering indices)
-and there beats the absorbed form (torch gather + bmm) by 10x to 70x; past k only the absorbed
+every point in GPU time (*_graph_us, CUDA graphs: 1.3x at 128 tokens up to 3.7x at 16k, at 16
+and at 128 heads). Eager times (mha_us, absorbed_us) of calls under about 1k tokens measure how
+fast the host launches (do_bench queues calls back to back), and single points there jump 2-3x
+between runs; the op's own measure is mla_prefill_op.md. Since the MHA form's q, K and V come
+from one Triton launch (mla_decompress, up to 128k token-heads), its host work is no larger than
+the absorbed form's (mla_prefill_host.md), so the rule takes the MHA form for every dense call
+whose decompressed K/V fit 2 GiB; the whole op then ran the faster form at all 38 points, with
+offsets on the GPU and on the host, in three runs of four (mla_prefill_op_run15.md to run18.md;
+run 17's one miss, 1.08, was a call the kernel's limit then left to the four launches).
+Sparse (top-k 2048): the MHA form is exact only up to k tokens (covering indices)
+and there beats the absorbed form (torch gather + bmm) by 23x to 130x; past k only the absorbed
 form is exact, so the crossover is k itself. A masked MHA past k would cost at least dense MHA:
 against a FlashMLA-class sparse kernel (640 TFLOP/s, published H800 figure) that bound crosses
 near 10k tokens at 16 and 128 heads (estimate, not measured). The ragged 16k row at 128 heads
@@ -667,6 +736,9 @@ if __name__ == "__main__":
     elif len(sys.argv) == 2 and sys.argv[1] == "--decompress":
         print(env_info())
         decompress_timing()
+    elif len(sys.argv) == 2 and sys.argv[1] == "--inputs":
+        print(env_info())
+        inputs_timing()
     elif len(sys.argv) in (2, 3) and sys.argv[1] == "--op":  # --op [results name]
         print(env_info())
         op_rounds(*sys.argv[2:])

@@ -26,12 +26,11 @@ only where it is exact (every sequence no longer than the top-k and the indexer 
 every visible token); the MHA form decompresses and attends groups of whole sequences
 whose K/V fit ``DECOMPRESSED_KV_BUDGET_BYTES``, so only a sequence too long for the budget
 on its own goes to the absorbed form. Measured on H100: dense MHA's kernels are faster at
-every length from 128 to 16k tokens at 16 and 128 heads, but short calls are host-bound
-and there the absorbed form's call is cheaper, so the SM90 rule takes the absorbed form
-for dense calls of at most 2048 tokens at 16 heads (8 sequences) and of at most 512
-tokens at 128 heads (4 sequences), MHA for every other dense call within the budget (with
-offsets on the host, whose calls never wait for the GPU, also 16-head calls of up to 4096
-tokens in sequences of at most 2048); for sparse calls the crossover is the top-k itself.
+every length from 128 to 16k tokens at 16 and 128 heads, and short calls, which are
+host-bound, cost no more host work in the MHA form than in the absorbed one (its q, K and
+V come from one Triton launch, ``kernels/mla_decompress.py``), so the SM90 rule takes the
+MHA form for every dense call within the budget, wherever the offsets are; for sparse
+calls the crossover is the top-k itself.
 
 Back ends: on CUDA the MHA form runs flashinfer's ``BatchPrefillWithRaggedKVCacheWrapper``
 (fa3 on SM90 at head dims (192, 128)), or ``trtllm_ragged_attention_deepseek`` on SM100
@@ -99,6 +98,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ._dispatch import cuda_major, register_direct_kernels
+from .kernels import mla_decompress
 
 # --------------------------------------------------------------------------- limits
 #: Scratch the MHA form may allocate at once for the decompressed K (D_nope + D_rope per
@@ -112,6 +112,11 @@ DECOMPRESSED_KV_BUDGET_BYTES = 2 * 1024**3
 SPARSE_GATHER_BUDGET_ELEMENTS = 256 * 2048 * 576
 #: flashinfer's float workspace for split-k scratch ("128 MB is the usual starting point").
 FLASHINFER_WORKSPACE_BYTES = 128 * 1024**2
+#: token x head counts up to which the MHA form's q, K and V come from one Triton launch
+#: (``mla_decompress``) rather than two cuBLAS GEMMs, a copy and a concatenation: it saves
+#: about 35 us of host time per call and costs up to about 11 us more GPU time at 128k
+#: (16 heads x 8k tokens, 128 heads x 1k; H100), more beyond (mla_prefill_host.md)
+FUSED_INPUTS_MAX_TOKEN_HEADS = 128 * 1024
 #: fa3's MLA kernels exist for these latent widths and for a 64-wide RoPE part only.
 FLASHINFER_MLA_CKV_DIMS = (128, 256, 512)
 FLASHINFER_MLA_KPE_DIM = 64
@@ -164,32 +169,23 @@ class PrefillRule:
 RULES: dict[str, PrefillRule] = {
     # H100 (SM90), flashinfer fa3 for both forms, DeepSeek-V3 sizes, bf16. GPU time (CUDA
     # graphs): dense MHA beat dense absorbed at every measured point, 128 to 16k tokens,
-    # 16 and 128 heads (19 vs 23 us at 128 tokens x 16 heads; 2.4 vs 8.6 ms at 16k). The
-    # op runs outside CUDA graphs, though (it plans from host offsets), and up to
-    # about 2k tokens a call is host work: 150-300 us of launches and flashinfer's run()
-    # for either form against 20-100 us of kernels (benchmarks/results/mla_prefill_op.md),
-    # and the absorbed form's host work is the smaller (one projection before the
-    # attention against the MHA form's decompression and query concatenation).
-    # Offsets on the GPU (one sync per call): over five runs on five hosts the absorbed
-    # form's calls were the faster ones at 16 heads up to 2048 tokens (batches of up to 8
-    # sequences) in most runs (one run: within 8% either way) and at 128 heads up to 470
-    # tokens in up to 4 sequences (4 or 5 runs of 5 at each point but one ragged 235-token
-    # batch, 3 of 5). The MHA form wins in every run from 8192 tokens at 16 heads and 2048
-    # at 128 heads; in between, in most. Since the MHA form decompresses with one batched
-    # GEMM per K and V written in place (half the GPU time; runs 11-13), one 512-token
-    # sequence at 128 heads went to the absorbed form in all three runs, with either kind
-    # of offsets (by 9-48%; runs 9 and 10, before, to MHA by 10-20%), so the 128-head row
-    # reaches 512 tokens; 1024 tokens stayed MHA's in every run (by 11% or more).
-    # Offsets on the host (no sync; runs 9-13): the same rows, and at 16 heads up to 4096
-    # tokens in up to 8 sequences of at most 2048: 8 x 512 tokens went to the absorbed form
-    # by 7-24% in all five runs (with a sync per call MHA won there in runs 9 and 10, the
-    # absorbed form in runs 11-13 by 3-14%), a ragged 3755-token batch of at most 2048 by 17%
-    # and 5% in runs 11 and 12 but to MHA by 25% in run 13 (a coin flip left to the row),
-    # while one 4096-token sequence (twice the causal pairs per token) is MHA's by 2x.
-    # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 2-60x
+    # 16 and 128 heads (1.3x at 128 tokens, 3.7x at 16k: benchmarks/results/mla_prefill.md).
+    # The op runs outside CUDA graphs (it plans from host offsets), and up to about 2k
+    # tokens a call is host work: 130-250 us against 15-130 us of kernels. There the form
+    # with less host work wins, and in runs 2-14 that was the absorbed form (one projection
+    # before the attention against the MHA form's two GEMMs, a copy and a concatenation,
+    # about 70 us of host time): those rules sent short calls to the absorbed form, and
+    # the points near their limits went either way with the host's speed (one or two of
+    # 76 points per run off by 5-25%). The MHA form's inputs now come from one launch (35
+    # instead of 70 us; mla_prefill_host.md), its calls cost no more host time than the
+    # absorbed form's, and the MHA form was the faster at all 38 points with either kind
+    # of offsets in runs 15, 16 and 18 (mla_prefill_op_run15.md .. run18.md; absorbed
+    # calls 1.05-1.1x slower at the shortest points, up to 3.8x at the longest; run 17's
+    # one miss, 1.08 at 128 heads x 1024 tokens, was a call the fused launch's limit then
+    # left to the four launches). So: MHA for every dense call within the budget.
+    # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 23-130x
     # slower.
-    "sm90": PrefillRule("sm90", short_absorbed=((16, 8, 2048), (128, 4, 512)),
-                        short_absorbed_host_offsets=((16, 8, 4096, 2048), (128, 4, 512))),
+    "sm90": PrefillRule("sm90"),
     # Blackwell: not measured here; SGLang routes prefill the same way (MHA for short).
     "sm100": PrefillRule("sm100"),
     # CPU and other GPUs run the torch forms; the MHA form does fewer FLOPs per pair.
@@ -554,7 +550,14 @@ def mha_groups(cu: list[int], max_tokens: int) -> list[tuple[int, int]]:
 
 
 def mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, ...]:
-    """The MHA form's attention inputs: q (T, H, D_nope + D_rope), decompressed K and V."""
+    """The MHA form's attention inputs: q (T, H, D_nope + D_rope), decompressed K and V.
+
+    Up to ``FUSED_INPUTS_MAX_TOKEN_HEADS`` one Triton launch writes all three
+    (``kernels/mla_decompress.py``): there a call is host-bound and the torch form's four
+    launches cost more host time than its GEMMs save; beyond, cuBLAS GEMMs."""
+    if (q_nope.shape[0] * q_nope.shape[1] <= FUSED_INPUTS_MAX_TOKEN_HEADS
+            and mla_decompress.supported(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)):
+        return mla_decompress.mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
     k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
     return torch.cat([q_nope, q_pe], dim=-1), k, v
 

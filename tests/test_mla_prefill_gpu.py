@@ -75,3 +75,23 @@ def test_host_offsets_need_no_sync_and_replan_safely(H):
             tol = BF16_REL_TOL * max(ref.abs().max().item(), 1.0)
             err = (out.float() - ref).abs().max().item()
             assert err <= tol, (path, args[7], err, tol)
+
+
+@pytest.mark.parametrize("H,T", [(16, 300), (128, 1), (128, 513)])
+def test_fused_mha_inputs_match_reference(H, T):
+    """The MHA form's one-launch q/K/V (both token tiles) against float32, with kv_b_proj
+    given as strided views of one weight."""
+    from attnfuse.custom_ops.kernels import mla_decompress as md
+
+    q_nope, q_pe, ckv, k_pe, _, _, _, _, _ = _inputs([T], H, seed=T)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w = (torch.randn(H, D_NOPE + D_V, R, generator=g, device="cuda") / math.sqrt(R)).to(torch.bfloat16)
+    w_uk, w_uv = w[:, :D_NOPE], w[:, D_NOPE:].transpose(1, 2)
+    assert md.supported(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
+    q, k, v = md.mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
+    assert torch.equal(q, torch.cat([q_nope, q_pe], -1))
+    assert torch.equal(k[..., D_NOPE:], k_pe[:, None, :].expand(T, H, D_ROPE))
+    k_ref = torch.einsum("tr,hdr->thd", ckv.float(), w_uk.float())
+    v_ref = torch.einsum("tr,hrd->thd", ckv.float(), w_uv.float())
+    torch.testing.assert_close(k[..., :D_NOPE].float(), k_ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(v.float(), v_ref, atol=2e-2, rtol=1e-2)

@@ -121,30 +121,22 @@ def test_sparse_empty_row_gives_zeros():
 def test_rule():
     rule = mp.RULES["sm90"]
     base = dict(qk_nope_dim=128, rope_dim=64, v_head_dim=128, element_size=2, rule=rule)
-    # dense: short host-bound calls take the absorbed form (16 heads: up to 2048 tokens in
-    # up to 8 sequences; 128 heads: up to 512 tokens in up to 4 sequences), the others MHA
-    for heads, length, seqs, want in ((16, 128, 1, "absorbed"), (16, 2048, 1, "absorbed"),
-                                      (16, 256, 8, "absorbed"), (16, 512, 8, "mha"),
-                                      (16, 2049, 1, "mha"), (16, 128, 9, "mha"),
-                                      (128, 256, 1, "absorbed"), (128, 512, 1, "absorbed"),
-                                      (128, 513, 1, "mha"), (128, 128, 4, "absorbed"),
-                                      (128, 96, 5, "mha"), (16, 16384, 1, "mha"),
-                                      (128, 16384, 1, "mha")):
-        assert mp.choose_path(num_tokens=length * seqs, num_heads=heads, num_seqs=seqs,
-                              max_seqlen=length, topk=None, topk_covers_visible=False,
-                              **base) == want, (heads, length, seqs)
-    # offsets on the host (no sync per call): at 16 heads also up to 4096 tokens in up to 8
-    # sequences of at most 2048 tokens; 128 heads as with offsets on the GPU
-    for heads, lens, want in (([16, [512] * 8, "absorbed"]), ([16, [2048, 682, 1, 1024], "absorbed"]),
-                              ([16, [4096], "mha"]), ([16, [2049, 2047], "mha"]),
-                              ([16, [512] * 9, "mha"]), ([16, [1024] * 3 + [1000, 1], "absorbed"]),
-                              ([128, [128] * 4, "absorbed"]), ([128, [96] * 5, "mha"]),
-                              ([128, [513], "mha"])):
+    # dense on H100: the MHA form wherever its decompressed K/V fit (its host work is no
+    # larger than the absorbed form's and its kernels are faster), wherever the offsets are
+    for heads, lens in (([16, [128]]), ([16, [2048]]), ([16, [256] * 8]), ([16, [512] * 8]),
+                        ([16, [2048, 682, 1, 1024]]), ([16, [4096]]), ([128, [128]]),
+                        ([128, [512]]), ([128, [96] * 5]), ([16, [16384]]), ([128, [16384]])):
         args = dict(num_tokens=sum(lens), num_heads=heads, num_seqs=len(lens), max_seqlen=max(lens),
                     topk=None, topk_covers_visible=False, **base)
-        assert mp.choose_path(offsets_on_host=True, **args) == want, (heads, lens)
-        if sum(lens) > 2048 and heads == 16 and want == "absorbed":  # a sync per call: MHA
-            assert mp.choose_path(offsets_on_host=False, **args) == "mha", (heads, lens)
+        for on_host in (False, True):
+            assert mp.choose_path(offsets_on_host=on_host, **args) == "mha", (heads, lens, on_host)
+    # a rule may give calls with host offsets (which never wait for the GPU) rows of their own
+    split = mp.PrefillRule("test", short_absorbed=((16, 8, 2048),),
+                           short_absorbed_host_offsets=((16, 8, 4096, 2048),))
+    args = dict(num_tokens=3755, num_heads=16, num_seqs=4, max_seqlen=2048, topk=None,
+                topk_covers_visible=False, **{**base, "rule": split})
+    assert mp.choose_path(offsets_on_host=True, **args) == "absorbed"
+    assert mp.choose_path(offsets_on_host=False, **args) == "mha"
     # the memory budget: a batch is decompressed in groups, one 32k-token sequence at
     # 128 heads does not fit
     assert mp.choose_path(num_tokens=30038, num_heads=128, num_seqs=4, max_seqlen=16384, topk=None,
