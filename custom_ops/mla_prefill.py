@@ -176,13 +176,14 @@ RULES: dict[str, PrefillRule] = {
     # before the attention against the MHA form's two GEMMs, a copy and a concatenation,
     # about 70 us of host time): those rules sent short calls to the absorbed form, and
     # the points near their limits went either way with the host's speed (one or two of
-    # 76 points per run off by 5-25%). The MHA form's inputs now come from one launch (35
-    # instead of 70 us; mla_prefill_host.md), its calls cost no more host time than the
-    # absorbed form's, and the MHA form was the faster at all 38 points with either kind
-    # of offsets in runs 15, 16 and 18 (mla_prefill_op_run15.md .. run18.md; absorbed
-    # calls 1.05-1.1x slower at the shortest points, up to 3.8x at the longest; run 17's
-    # one miss, 1.08 at 128 heads x 1024 tokens, was a call the fused launch's limit then
-    # left to the four launches). So: MHA for every dense call within the budget.
+    # 76 points per run off by 5-25%). The MHA form's inputs now come from one launch
+    # (37-70 instead of 76-137 us of host time; mla_prefill_host.md), its calls cost no
+    # more host time than the absorbed form's, and the MHA form was the faster at all 38
+    # points with either kind of offsets in runs 15, 16 and 18 (mla_prefill_op_run15.md ..
+    # run18.md; absorbed calls 1.05-1.1x slower at the shortest points, up to 3.8x at the
+    # longest; run 17's one miss, 1.08 at 128 heads x 8 x 128 tokens, was a call the fused
+    # launch's limit then left to the four launches). So: MHA for every dense call within
+    # the budget.
     # Sparse: MHA wherever it is exact (<= k): the torch sparse absorbed form is 23-130x
     # slower.
     "sm90": PrefillRule("sm90"),
