@@ -602,11 +602,6 @@ def _host_us(fn, n: int = 300) -> float:
     return 1e6 * statistics.median(samples)
 
 
-def _torch_mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv):
-    k, v = mp.decompress_kv(ckv, k_pe, w_uk, w_uv)
-    return torch.cat([q_nope, q_pe], dim=-1), k, v
-
-
 def inputs_timing():
     """The MHA form's q, K and V: one Triton launch (``kernels/mla_decompress``) against the
     torch form (two in-place GEMMs, a copy, a concatenation). Checks both against float32
@@ -624,7 +619,7 @@ def inputs_timing():
             k_ref = torch.einsum("tr,hdr->thd", args[2].float(), w_uk.float())
             v_ref = torch.einsum("tr,hrd->thd", args[2].float(), w_uv.float())
             errs = []
-            for fn in (md.mha_inputs, _torch_mha_inputs):
+            for fn in (md.mha_inputs, mp.mha_inputs_torch):
                 q, k, v = fn(*args)
                 assert torch.equal(q, torch.cat([args[0], args[1]], -1))
                 assert torch.equal(k[..., D_NOPE:], args[3][:, None].expand(T, H, D_ROPE))
@@ -639,8 +634,8 @@ def inputs_timing():
             inp = make_inputs([T], H)
             a = [inp[k] for k in keys]
             g = [statistics.median(bench_us(lambda f=f, a=a: f(*a), cuda_graph=True) for _ in range(3))
-                 for f in (md.mha_inputs, _torch_mha_inputs)]
-            h = ([_host_us(lambda f=f, a=a: f(*a)) for f in (md.mha_inputs, _torch_mha_inputs)]
+                 for f in (md.mha_inputs, mp.mha_inputs_torch)]
+            h = ([_host_us(lambda f=f, a=a: f(*a)) for f in (md.mha_inputs, mp.mha_inputs_torch)]
                  if T <= 2048 else [float("nan")] * 2)
             tflops = [2 * T * R * (D_NOPE + D_V) * H / t / 1e6 for t in g]
             print(f"| {H} | {T} | {g[0]:.1f} | {g[1]:.1f} | {tflops[0]:.0f} | {tflops[1]:.0f} | "

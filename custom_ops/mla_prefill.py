@@ -391,10 +391,16 @@ def decompress_kv(ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
+def mha_inputs_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, ...]:
+    """The MHA form's q (T, H, D_nope + D_rope), K and V in torch: ``decompress_kv`` and a
+    concatenation for q."""
+    k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
+    return torch.cat([q_nope, q_pe], dim=-1), k, v
+
+
 def mla_prefill_mha_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu_seqlens, scale, causal):
     """The MHA form in torch: decompress, then SDPA per sequence."""
-    k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
-    q = torch.cat([q_nope, q_pe], dim=-1)
+    q, k, v = mha_inputs_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     for start, end in _seq_bounds(cu_seqlens):
         o = torch.nn.functional.scaled_dot_product_attention(
@@ -559,8 +565,7 @@ def mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv) -> tuple[torch.Tensor, ...]:
     if (q_nope.shape[0] * q_nope.shape[1] <= FUSED_INPUTS_MAX_TOKEN_HEADS
             and mla_decompress.supported(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)):
         return mla_decompress.mha_inputs(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
-    k, v = decompress_kv(ckv, k_pe, w_uk, w_uv)
-    return torch.cat([q_nope, q_pe], dim=-1), k, v
+    return mha_inputs_torch(q_nope, q_pe, ckv, k_pe, w_uk, w_uv)
 
 
 def prepare_mha_gpu(q_nope, q_pe, ckv, k_pe, w_uk, w_uv, cu: list[int], max_seqlen, scale,
