@@ -32,6 +32,10 @@ invariants of ``grouped_decode.py`` hold: every copy is masked (a masked ``cp.as
 writes zeros, so page tails are never read), an empty split writes ``(0, -inf)``, a
 sequence of length 0 gives output 0 and LSE -inf.
 
+A variant with the two warpgroups on different key tiles (warp-specialized, a loader
+partition, mbarriers) is kept as an experiment in ``benchmarks/mla_seesaw_kernel.py``:
+correct, and 1.07-1.24x slower at 128 heads (``benchmarks/results/bench_decode_sweep_v12.md``).
+
 Scope: bf16 or fp16 query and cache, one latent head (``Hkv = 1``), 512 + 64 features,
 paged (any page size) or static cache, optional per-sequence lengths, batch up to
 ``MAX_BATCH``; no mask, softcap, window or fp8 scales (``supports`` says which calls
