@@ -62,7 +62,7 @@ positions (zero-filled tiles: the schedule's compute and synchronization alone);
 
 from __future__ import annotations
 
-from attnfuse.custom_ops.kernels.mla_decode_sm90 import HAVE_GLUON
+from attnfuse.custom_ops.kernels.mla_decode_sm90 import BLOCK_H, HAVE_GLUON, LATENT_DIM, ROPE_DIM
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -75,10 +75,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-BLOCK_H = 64
 BLOCK_N = 64
-LATENT_DIM = 512
-ROPE_DIM = 64
 #: warps of the default partition (warpgroup 0); warpgroup 1 and the loader add 4 each
 NUM_WARPS = 4
 #: registers per thread: the loader's, and the kernel's average over its 12 warps
@@ -104,8 +101,8 @@ TRACE_PAIRS = 16
 
 
 if HAVE_GLUON:
-    _LOG2E = gl.constexpr(1.4426950408889634)
-    _LN2 = gl.constexpr(0.6931471805599453)
+    from attnfuse.custom_ops.kernels.mla_decode_sm90 import _LN2, _LOG2E
+
     # module constants as compile-time values inside the kernels
     _BH = gl.constexpr(BLOCK_H)
     _BN = gl.constexpr(BLOCK_N)
@@ -175,13 +172,33 @@ if HAVE_GLUON:
             async_copy.mbarrier_arrive(full_bars.index(3 * s + 2), increment_count=False)
 
     @gluon.jit
+    def _publish(p_buf, m_buf, p, m_new, ready_bar, free_bar, ph):
+        """Hand P and the row maxima to the other warpgroup once it is done with the
+        previous ones (this warpgroup reads them back from the same buffers)."""
+        mbarrier.wait(free_bar, ph ^ 1)
+        p_buf.store(p.to(p_buf.dtype))
+        m_buf.store(m_new)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ready_bar)
+
+    @gluon.jit
+    def _pv(acc, scale, row_o: gl.constexpr, p_buf, v_buf, empty_bar):
+        """``acc * scale + P V`` (P and V from shared memory), then release V's group."""
+        acc = acc * gl.convert_layout(scale, row_o)[:, None]
+        acc = warpgroup_mma(p_buf, v_buf, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        gl.thread_barrier()
+        mbarrier.arrive(empty_bar)
+        return acc
+
+    @gluon.jit
     def _consumer(args, WG: gl.constexpr, NUM_SPLITS: gl.constexpr, TRACE: gl.constexpr):
         (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_pairs, qk_scale,
          group_size, stride_qb, stride_qh, stride_pb, stride_ph, stride_ps, stride_plb,
          stride_plh, stride_ob, stride_oh, stride_lb, stride_lh,
          ql_smem, qr_smem, kl_bufs, kr_bufs, kt_bufs, p_bufs, m_bufs, l_bufs,
          full_bars, empty_bars, xbars, Dbg, rec) = args
-        dtype: gl.constexpr = Q.dtype.element_ty
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -252,19 +269,12 @@ if HAVE_GLUON:
                 p = gl.exp2(qk - m_safe[:, None])
                 alpha = gl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + gl.sum(p, 1)
-                # publish P_A and m_A once warpgroup 1 is done with the previous ones
-                mbarrier.wait(xbars.index(_PA_FREE), ph ^ 1)
-                p_bufs.index(0).store(p.to(dtype))
-                m_bufs.index(0).store(m_new)
-                fence_async_shared()
-                gl.thread_barrier()
-                mbarrier.arrive(xbars.index(_PA_READY))
+                _publish(p_bufs.index(0), m_bufs.index(0), p, m_new,
+                         xbars.index(_PA_READY), xbars.index(_PA_FREE), ph)
                 _rec(Dbg, rec, i, 2, TRACE)
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                acc = warpgroup_mma(p_bufs.index(0), kl_bufs.index(0), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty_bars.index(1))  # stage 0, left half
+                # stage 0's left half is released after this product
+                acc = _pv(acc, alpha, row_o, p_bufs.index(0), kl_bufs.index(0),
+                          empty_bars.index(1))
                 _rec(Dbg, rec, i, 3, TRACE)
                 # tile B: its P and the new maxima from warpgroup 1
                 mbarrier.wait(xbars.index(_PB_READY), ph)
@@ -273,12 +283,9 @@ if HAVE_GLUON:
                 m_b_safe = gl.where(m_b == float("-inf"), 0.0, m_b)
                 alpha_b = gl.exp2(m_new - m_b_safe)
                 l_i = l_i * alpha_b
-                acc = acc * gl.convert_layout(alpha_b, row_o)[:, None]
                 fence_async_shared()
-                acc = warpgroup_mma(p_bufs.index(1), kl_bufs.index(1), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty_bars.index(4))  # stage 1, left half
+                acc = _pv(acc, alpha_b, row_o, p_bufs.index(1), kl_bufs.index(1),
+                          empty_bars.index(4))  # stage 1, left half
                 mbarrier.arrive(xbars.index(_PB_FREE))
                 _rec(Dbg, rec, i, 5, TRACE)
                 m_i = m_b
@@ -293,25 +300,15 @@ if HAVE_GLUON:
                 alpha_a = gl.exp2(m_i - m_a_safe)
                 alpha_b = gl.exp2(m_a - m_safe)
                 l_i = l_i * (alpha_a * alpha_b) + gl.sum(p, 1)
-                mbarrier.wait(xbars.index(_PB_FREE), ph ^ 1)
-                p_bufs.index(1).store(p.to(dtype))
-                m_bufs.index(1).store(m_new)
-                fence_async_shared()
-                gl.thread_barrier()
-                mbarrier.arrive(xbars.index(_PB_READY))
+                _publish(p_bufs.index(1), m_bufs.index(1), p, m_new,
+                         xbars.index(_PB_READY), xbars.index(_PB_FREE), ph)
                 _rec(Dbg, rec, i, 9, TRACE)
-                acc = acc * gl.convert_layout(alpha_a, row_o)[:, None]
-                acc = warpgroup_mma(p_bufs.index(0), kr_bufs.index(0), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty_bars.index(2))  # stage 0, right half
+                acc = _pv(acc, alpha_a, row_o, p_bufs.index(0), kr_bufs.index(0),
+                          empty_bars.index(2))  # stage 0, right half
                 mbarrier.arrive(xbars.index(_PA_FREE))
                 _rec(Dbg, rec, i, 10, TRACE)
-                acc = acc * gl.convert_layout(alpha_b, row_o)[:, None]
-                acc = warpgroup_mma(p_bufs.index(1), kr_bufs.index(1), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                gl.thread_barrier()
-                mbarrier.arrive(empty_bars.index(5))  # stage 1, right half
+                acc = _pv(acc, alpha_b, row_o, p_bufs.index(1), kr_bufs.index(1),
+                          empty_bars.index(5))  # stage 1, right half
                 _rec(Dbg, rec, i, 11, TRACE)
                 m_i = m_new
 
