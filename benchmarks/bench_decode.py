@@ -3,8 +3,8 @@
 Sections (all by default; pick with flags):
 
 ``--check``  bf16 correctness on the GPU against the op's fp32 reference: GQA static with
-             an HF-style mask, paged ragged (incl. length 0), MLA, fp8 with distinct
-             scales, softcap + window.
+             an HF-style mask and ragged without one (the SM90 Gluon GQA stage 1), paged
+             ragged (incl. length 0), MLA, fp8 with distinct scales, softcap + window.
 ``--sweep``  kernel variants (BLOCK_N, num_warps, num_stages, BLOCK_H, split count) on a
              few key points; prints the best per point (results/bench_decode_sweep.*).
 ``--sm90``   the SM90 Gluon MLA stage 1 (``mla_decode_sm90.py``) against the Triton one on
@@ -193,6 +193,12 @@ def check() -> list[dict]:
             got = grouped_decode_kernel(q, k, v, mask=mask, scale=d ** -0.5, **over)
             compare(f"{name} splits={got[2].num_kv_splits}", got,
                     (q, k, v, None, None, mask, d ** -0.5, 0.0, -1, None, None, -1))
+    lens_s = torch.tensor([0, 1, 777, 1000], device=DEV, dtype=torch.int32)
+    for splits in (None, 1, 5):  # no mask: the SM90 Gluon GQA stage 1 where it applies
+        over = {} if splits is None else {"num_kv_splits": splits}
+        got = grouped_decode_kernel(q, k, v, seq_lens=lens_s, scale=d ** -0.5, **over)
+        compare(f"gqa static ragged {got[2].kernel} splits={got[2].num_kv_splits}", got,
+                (q, k, v, None, lens_s, None, d ** -0.5, 0.0, -1, None, None, -1))
     kp, vp, table_g, _ = paged_gqa(4, 2048)
     kp[table_g[:, -1].long()] = float("nan")  # poisoned tails past every length below
     lens_g = torch.tensor([0, 1, 1500, 2000], device=DEV, dtype=torch.int32)
@@ -454,6 +460,8 @@ def table_gqa(copy_gbps, rows):
             row["ours_static_us"] = _try(
                 lambda: (lambda: grouped_decode_kernel(q, ks, vs, scale=GQA_HEAD_DIM ** -0.5)),
                 "ours static")
+            row["static_kernel"] = grouped_decode_kernel(q, ks, vs,
+                                                         scale=GQA_HEAD_DIM ** -0.5)[2].kernel
             row["sdpa_gqa_us"] = _try(lambda: sdpa_gqa(q4, ks, vs), "sdpa enable_gqa")
             # repeat_kv materializes K and V n_rep times
             if kv_bytes * (GQA_Q_HEADS // GQA_KV_HEADS) + MEMORY_HEADROOM_BYTES < free_bytes():
@@ -510,6 +518,8 @@ def _finish(row, kv_bytes, copy_gbps, baselines):
     best = [row[b] for b in baselines if row.get(b)]
     if best:
         row["vs_best_baseline"] = min(best) / row["ours_us"]
+    if row.get("ours_static_us") and row.get("sdpa_gqa_us"):
+        row["static_vs_sdpa"] = row["sdpa_gqa_us"] / row["ours_static_us"]
     print("  " + " ".join(f"{k}={_short(v)}" for k, v in row.items()), flush=True)
 
 
@@ -541,14 +551,16 @@ def main() -> None:
         cols = ["kind", "heads", "batch", "ctx", "kv_MB", "kernel", "splits", "ours_us", "ours_GB/s",
                 "of_copy", "ours_1split_us", "split_gain", "ours_static_us", "flashinfer_us",
                 "flashinfer_GB/s", "sdpa_gqa_us", "hf_repeat_kv_us", "ours_triton_us",
-                "vs_best_baseline",
+                "vs_best_baseline", "static_kernel", "static_vs_sdpa",
                 "ours_TFLOP/s", "floor_us", "note"]
         notes = (f"Measured copy bandwidth {copy_gbps:.0f} GB/s (read + write). ours = paged "
                  "(page 16 GQA / 64 MLA); ours_static = HF-layout (B, Hkv, S, D) cache; "
                  "vs_best_baseline = best of FlashInfer and SDPA(enable_gqa) time / ours time "
                  "(> 1: ours faster); split_gain = one-split time / chosen-split time; "
                  "kernel = stage 1 of ours (sm90: the Gluon MLA kernel on SM90; "
-                 "ours_triton_us: the Triton kernel at its defaults, same call). "
+                 "ours_triton_us: the Triton kernel at its defaults, same call); "
+                 "static_kernel = stage 1 of ours_static (sm90_gqa: the Gluon GQA kernel); "
+                 "static_vs_sdpa = SDPA(enable_gqa) time / ours_static time, same layout. "
                  "HF repeat_kv + SDPA runs without a mask.")
         try:
             if not args.mla_only:

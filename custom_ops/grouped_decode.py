@@ -227,9 +227,11 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
 
     CPU tensors run the plain-torch reference (the Triton kernel under the interpreter
     inside ``kernel_on_cpu()``); CUDA tensors run the split-KV kernel, whose stage 1 is the
-    Triton kernel or, for MLA calls on SM90, the Gluon kernel of ``kernels/mla_decode_sm90.py``
-    (``kernels.grouped_decode.decode_settings`` decides; 1.08-2.08x the Triton stage 1 on
-    H100 but 0.98x at MLA-16 B=1 ctx 4k, ``benchmarks/results/bench_decode.md``).
+    Triton kernel or, on SM90, a Gluon kernel: ``kernels/mla_decode_sm90.py`` for MLA calls
+    (1.08-2.08x the Triton stage 1 on H100 but 0.98x at MLA-16 B=1 ctx 4k,
+    ``benchmarks/results/bench_decode.md``) and ``kernels/gqa_decode_sm90.py`` for GQA calls
+    on static caches (0.995-1.27x SDPA at the 12 GQA points, where the Triton stage 1 gave
+    0.85-1.24x). ``kernels.grouped_decode.decode_settings`` decides.
 
     FlashInfer is never picked, although it is installed where this runs on H100:
 

@@ -404,12 +404,14 @@ def _inline_grouped_decode(graph: fx.Graph, node: fx.Node, fake_mode: Any,
     scalars = ("scale", "softcap", "window", "v_head_dim")
     if not all(isinstance(a[k], (int, float)) for k in scalars):
         return "a symbolic scalar argument"
-    from ..custom_ops.kernels import mla_decode_sm90 as sm90
+    from ..custom_ops.kernels.grouped_decode import call_settings
 
-    if sm90.supports(fakes["q"], fakes["k_cache"], fakes["v_cache"], fakes["block_table"],
-                     fakes["mask"], float(a["softcap"]), int(a["window"]), fakes["k_scale"],
-                     fakes["v_scale"], a["v_head_dim"]):
-        return "the SM90 MLA kernel is a Gluon kernel (Inductor launches Triton kernels)"
+    kernel = call_settings(fakes["q"], fakes["k_cache"], fakes["v_cache"], fakes["block_table"],
+                           fakes["mask"], float(a["softcap"]), int(a["window"]), fakes["k_scale"],
+                           fakes["v_scale"], a["v_head_dim"]).kernel
+    if kernel != "triton":
+        what = {"sm90": "MLA", "sm90_gqa": "GQA"}[kernel]
+        return f"the SM90 {what} kernel is a Gluon kernel (Inductor launches Triton kernels)"
     emit = _Emitter(graph, node, fake_mode)
     for k, t in tensors.items():
         emit.bind(t, a[k])

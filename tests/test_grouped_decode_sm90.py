@@ -124,7 +124,7 @@ def test_forcing_it_where_it_cannot_run_is_an_error():
     with pytest.raises(ValueError, match="kernel='sm90' needs"):
         decode_settings(batch=1, num_kv_heads=1, group_size=16, head_dim_k=D, capacity=64,
                         device=torch.device("cpu"), kernel="sm90")
-    with pytest.raises(ValueError, match="expected 'triton' or 'sm90'"):
+    with pytest.raises(ValueError, match="expected 'triton', 'sm90' or 'sm90_gqa'"):
         decode_settings(batch=1, num_kv_heads=1, group_size=16, head_dim_k=D, capacity=64,
                         device=torch.device("cpu"), kernel="cuda")
     with pytest.raises(ValueError, match="64 heads per program"):

@@ -17,8 +17,9 @@ decode kernel the same way):
   log-sum-exp, MERGE_CHUNK splits per step.
 
 With one split, stage 1 writes the final output and stage 2 is not launched. On SM90,
-MLA calls run stage 1 as the Gluon kernel of ``mla_decode_sm90.py`` (same outputs, same
-split bounds; ``decode_settings`` picks it), merged by the same stage 2.
+MLA calls run stage 1 as the Gluon kernel of ``mla_decode_sm90.py`` and GQA calls on
+static caches as the one of ``gqa_decode_sm90.py`` (same outputs, same split bounds;
+``decode_settings`` picks them), merged by the same stage 2.
 
 Invariants (each one a bug seen elsewhere; see research/anchors-kernels.md section 4)
 * Both stages compute split bounds with the same ``_split_bounds`` helper (rounded to
@@ -58,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gqa_decode_sm90 as sm90_gqa
 from . import mla_decode_sm90 as sm90
 from ._launch import KernelLaunch, Launcher, cdiv, next_pow2
 
@@ -118,6 +120,19 @@ INTERPRETER_SM_COUNT = 8
 SM90_BLOCK_N = 64
 SM90_NUM_STAGES = 2
 SM90_PROGRAMS_PER_SM = 1
+#: the SM90 Gluon GQA stage 1 (``gqa_decode_sm90.py``, static caches): keys per tile and
+#: tiles in flight (fewer where they would not fit ``SM90_SMEM_BYTES``). Where the
+#: (sequence, KV head) programs number from half to twice the SMs, 3 stages and splits
+#: for one program per SM (usually 1 split: no merge); elsewhere 2 stages and splits for
+#: as many programs as fit on an SM (2 at head dim 128). H100, 12 GQA 32/8-head points
+#: (benchmarks/results/bench_decode_sweep_v13.md): 0.997-1.28x SDPA's time ratio, where
+#: the Triton stage 1 gave 0.85-1.24x (B=16 ctx 1k: 26.2 us with 3 stages and 1 split,
+#: 28.3 us with 2 stages and 2 splits, 30.9 us Triton)
+SM90_GQA_BLOCK_N = 64
+SM90_GQA_NUM_STAGES_FILLED = 3
+SM90_GQA_NUM_STAGES = 2
+#: shared memory one SM90 program may use (227 KB)
+SM90_SMEM_BYTES = 227 * 1024
 
 
 @triton.jit
@@ -338,7 +353,8 @@ class DecodeConfig:
     merge_chunk: int = MERGE_CHUNK
     merge_dv: int = MERGE_DV_CHUNK
     merge_warps: int = MERGE_WARPS
-    #: stage 1: ``"triton"`` (any call) or ``"sm90"`` (the Gluon MLA kernel)
+    #: stage 1: ``"triton"`` (any call), ``"sm90"`` (the Gluon MLA kernel) or
+    #: ``"sm90_gqa"`` (the Gluon GQA kernel)
     kernel: str = "triton"
 
 
@@ -382,6 +398,18 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
 
 
+def sm90_gqa_smem_bytes(head_dim: int, block_n: int, num_stages: int) -> int:
+    """Shared memory of one program of the SM90 GQA kernel (16-bit elements): the query
+    tile, ``num_stages`` K and V tiles of ``block_n`` keys, and P."""
+    block_h = sm90_gqa.BLOCK_H
+    return 2 * (block_h * head_dim + num_stages * 2 * block_n * head_dim + block_h * block_n)
+
+
+def sm90_gqa_max_stages(head_dim: int, block_n: int) -> int:
+    fixed = sm90_gqa_smem_bytes(head_dim, block_n, 0)
+    return (SM90_SMEM_BYTES - fixed) // (4 * block_n * head_dim)
+
+
 def choose_merge_dv(batch: int, num_q_heads: int, head_dim_v: int, num_kv_splits: int,
                     num_sms: int) -> int:
     """Output features per stage-2 program: the widest power of two from ``MERGE_DV_CHUNK``
@@ -406,6 +434,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                     num_warps: int | None = None, num_stages: int | None = None,
                     merge_chunk: int | None = None, merge_dv: int | None = None,
                     merge_warps: int | None = None, sm90_eligible: bool = False,
+                    sm90_gqa_eligible: bool = False,
                     kernel: str | None = None, head_dim_v: int | None = None) -> DecodeConfig:
     """The one place launch settings are chosen; every argument may be forced (tests, tuning).
 
@@ -423,19 +452,31 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     A call the SM90 Gluon MLA kernel can run (``sm90_eligible``, from
     ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
     tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
-    ``SM90_PROGRAMS_PER_SM`` as the split target.
+    ``SM90_PROGRAMS_PER_SM`` as the split target. A static-cache call the SM90 Gluon GQA
+    kernel can run (``sm90_gqa_eligible``, from ``gqa_decode_sm90.supports``) runs that one
+    (``kernel="sm90_gqa"`` forces it on a paged cache too): 64-row head tiles,
+    ``SM90_GQA_BLOCK_N`` keys, 4 warps, and the stage count and split target of the
+    ``SM90_GQA_*`` comment.
 
     Stage 2 merges up to ``MERGE_CHUNK`` splits per step (all of an automatic split
     count) with ``MERGE_WARPS`` per program; its width in output features comes from
     ``choose_merge_dv`` (``head_dim_v``: V's head dim, ``head_dim_k`` when not given).
     """
-    if kernel not in (None, "triton", "sm90"):
-        raise ValueError(f"kernel: expected 'triton' or 'sm90', got {kernel!r}")
+    if kernel not in (None, "triton", "sm90", "sm90_gqa"):
+        raise ValueError(f"kernel: expected 'triton', 'sm90' or 'sm90_gqa', got {kernel!r}")
     if kernel == "sm90" and not sm90_eligible:
         raise ValueError("kernel='sm90' needs an SM90 GPU, Gluon, and an MLA call it supports "
                          "(see attnfuse.custom_ops.kernels.mla_decode_sm90.supports)")
+    if kernel == "sm90_gqa" and not sm90_gqa_eligible:
+        raise ValueError("kernel='sm90_gqa' needs an SM90 GPU, Gluon, and a GQA call it "
+                         "supports (see attnfuse.custom_ops.kernels.gqa_decode_sm90.supports)")
     if kernel is None:
-        kernel = "sm90" if sm90_eligible else "triton"
+        # the Gluon GQA kernel on static caches only: on a paged cache at page 16 it was no
+        # faster than the Triton stage 1 (B=16 ctx 1k 29.7-30.0 vs 31.0 us, ctx 8k 185-203
+        # vs 184 us; bench_decode_sweep_v13.md)
+        kernel = ("sm90" if sm90_eligible
+                  else "sm90_gqa" if sm90_gqa_eligible and not paged
+                  else "triton")
     for name, value in (("merge_chunk", merge_chunk), ("merge_dv", merge_dv)):
         if value is not None and (value < 2 or value & (value - 1)):
             raise ValueError(f"{name}: expected a power of two >= 2, got {value}")
@@ -457,6 +498,35 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                             num_stages or SM90_NUM_STAGES, num_kv_splits,
                             merge_chunk or MERGE_CHUNK, merge_width(num_kv_splits),
                             merge_warps or MERGE_WARPS, kernel="sm90")
+    if kernel == "sm90_gqa":
+        if block_h not in (None, sm90_gqa.BLOCK_H):
+            raise ValueError(f"block_h: the sm90_gqa kernel computes {sm90_gqa.BLOCK_H} heads "
+                             f"per program")
+        block_n = block_n or SM90_GQA_BLOCK_N
+        if block_n > sm90_gqa.MAX_BLOCK_N or block_n & (block_n - 1) or block_n < 16:
+            raise ValueError(f"block_n: expected a power of two in 16..{sm90_gqa.MAX_BLOCK_N}, "
+                             f"got {block_n}")
+        fits = sm90_gqa_max_stages(head_dim_k, block_n)
+        if fits < 2:
+            raise ValueError(f"block_n: two sm90_gqa stages of {block_n} x {head_dim_k} do not "
+                             f"fit {SM90_SMEM_BYTES} bytes of shared memory")
+        if num_stages is not None and not 2 <= num_stages <= fits:
+            raise ValueError(f"num_stages: the sm90_gqa kernel fits 2..{fits} stages of "
+                             f"{block_n} x {head_dim_k}, got {num_stages}")
+        num_sms = sm_count(device)
+        filled = num_sms <= 2 * batch * num_kv_heads < 4 * num_sms
+        num_stages = num_stages or min(
+            SM90_GQA_NUM_STAGES_FILLED if filled else SM90_GQA_NUM_STAGES, fits)
+        if num_kv_splits is None:
+            resident = SM90_SMEM_BYTES // sm90_gqa_smem_bytes(head_dim_k, block_n, num_stages)
+            num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, 1, capacity, num_sms,
+                                                 per_sm=1 if filled else resident)
+        if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+            raise ValueError(f"num_kv_splits: expected 1..{MAX_KV_SPLITS}, got {num_kv_splits}")
+        return DecodeConfig(sm90_gqa.BLOCK_H, block_n, sm90_gqa.NUM_WARPS, num_stages,
+                            num_kv_splits, merge_chunk or MERGE_CHUNK,
+                            merge_width(num_kv_splits), merge_warps or MERGE_WARPS,
+                            kernel="sm90_gqa")
     wide = head_dim_k > WIDE_HEAD_DIM
     if block_h is None:
         block_h = min(max(next_pow2(group_size), MIN_BLOCK_H), MAX_BLOCK_H)
@@ -489,6 +559,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 _STAGE1 = Launcher(_grouped_decode_stage1)
 _STAGE2 = Launcher(_grouped_decode_stage2)
 _STAGE1_SM90 = Launcher(sm90.mla_decode_sm90_stage1) if sm90.HAVE_GLUON else None
+_STAGE1_SM90_GQA = Launcher(sm90_gqa.gqa_decode_sm90_stage1) if sm90_gqa.HAVE_GLUON else None
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -530,6 +601,28 @@ def grouped_decode_kernel(
     return out, lse, config
 
 
+def call_settings(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                  block_table: torch.Tensor | None, mask: torch.Tensor | None, softcap: float,
+                  window: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                  v_head_dim: int | None, **overrides: int) -> DecodeConfig:
+    """``decode_settings`` for one call's tensors (real or fake): which stage-1 kernel
+    runs it (``kernel``) and its launch settings."""
+    paged = block_table is not None
+    batch, num_q_heads, head_dim_k = q.shape
+    if paged:
+        num_kv_heads, capacity = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
+    else:
+        num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    return decode_settings(
+        batch=batch, num_kv_heads=num_kv_heads, group_size=num_q_heads // num_kv_heads,
+        head_dim_k=head_dim_k, capacity=capacity, device=q.device, paged=paged,
+        sm90_eligible=sm90.supports(q, k_cache, v_cache, block_table, mask, softcap, window,
+                                    k_scale, v_scale, v_head_dim),
+        sm90_gqa_eligible=sm90_gqa.supports(q, k_cache, v_cache, block_table, mask, softcap,
+                                            window, k_scale, v_scale),
+        head_dim_v=v_head_dim if v_cache is None else v_cache.shape[-1], **overrides)
+
+
 def plan_grouped_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, *,
     block_table: torch.Tensor | None, seq_lens: torch.Tensor | None,
@@ -556,12 +649,8 @@ def plan_grouped_decode(
     group_size = num_q_heads // num_kv_heads
     head_dv = v_head_dim if shared_kv else v_cache.shape[-1]
     if config is None:
-        eligible = sm90.supports(q, k_cache, v_cache, block_table, mask, softcap, window,
-                                 k_scale, v_scale, v_head_dim)
-        config = decode_settings(batch=batch, num_kv_heads=num_kv_heads, group_size=group_size,
-                                 head_dim_k=head_dim_k, capacity=capacity, device=q.device,
-                                 paged=paged, sm90_eligible=eligible, head_dim_v=head_dv,
-                                 **overrides)
+        config = call_settings(q, k_cache, v_cache, block_table, mask, softcap, window,
+                               k_scale, v_scale, v_head_dim, **overrides)
     v = k_cache if shared_kv else v_cache
     # K splits into the part multiplied with V's columns (shared-latent mode) and a tail
     head_da = head_dv if shared_kv else head_dim_k
@@ -617,6 +706,25 @@ def plan_grouped_decode(
                  PAGE_SIZE=page_size, PAGED=paged, HAS_SEQLENS=seq_lens is not None),
             num_warps=config.num_warps, num_stages=config.num_stages,
             writes=(4, 5) if splits > 1 else (6, 7),
+        )
+    elif config.kernel == "sm90_gqa":
+        stage1 = KernelLaunch(
+            _STAGE1_SM90_GQA,
+            (num_kv_heads, batch, splits),
+            (q, k_cache, v, block_table if paged else dummy_int,
+             seq_lens if seq_lens is not None else dummy_int,
+             partial_out, partial_lse, out, lse,
+             scale, capacity, group_size, q.stride(0), q.stride(1), k0, k1, kh, v0, v1, vh,
+             block_table.stride(0) if paged else 0,
+             partial_out.stride(0), partial_out.stride(1),
+             partial_out.stride(2) if splits > 1 else 0,
+             partial_lse.stride(0), partial_lse.stride(1),
+             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
+            dict(HEAD_D=head_dim_k, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+                 NUM_STAGES=config.num_stages, NUM_SPLITS=splits, PAGE_SIZE=page_size,
+                 PAGED=paged, HAS_SEQLENS=seq_lens is not None),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            writes=(5, 6) if splits > 1 else (7, 8),
         )
     else:
         stage1 = KernelLaunch(

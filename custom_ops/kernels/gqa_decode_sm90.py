@@ -1,0 +1,278 @@
+"""Stage 1 of grouped (GQA / MQA) decode on Hopper (SM90), written in Gluon: the query
+heads of one KV head on warpgroup MMA, K and V tiles streamed through a deep ``cp.async``
+ring with the page ids read one tile ahead of their copies.
+
+Why a second GQA stage-1 kernel
+-------------------------------
+At a batch that already gives about one (sequence, KV head) program per SM (GQA 32/8
+heads at B=16: 128 programs), the fastest schedule is one split per program streaming its
+whole sequence, without a merge. The Triton stage 1 cannot stream that fast from a paged
+cache: its software pipeliner sees the K/V loads as indirect (their page ids are loaded
+in the same loop step) and keeps a single K/V buffer, waiting for it at the top of every
+step (``benchmarks/results/bench_decode_sweep_v10.md``: B=16 ctx 1k, 1 split, 43 us).
+Here the ring is explicit:
+
+* ``NUM_STAGES`` stages of one K tile and one V tile (``BLOCK_N x HEAD_D`` each) in shared
+  memory, filled by masked ``cp.async`` copies (a masked copy writes zeros, so page tails
+  are never read) ``NUM_STAGES - 1`` tiles ahead of use;
+* the page ids of the tile to be copied next are loaded one loop step before the copies
+  that use them, so their latency hides behind a tile's compute instead of stalling the
+  copy issue;
+* the query tile (``BLOCK_H = 64`` rows, the group's heads, padded with zero rows) is in
+  shared memory; ``S = Q K^T`` and ``O += P V`` run on one warpgroup's wgmma. With a
+  group of 4 heads 15/16 of the MMA rows are padding, which costs about 500 tensor-core
+  cycles per 64-key tile against about 2,600 cycles of memory time per tile at one
+  program per SM: the kernel stays memory-bound.
+
+It writes exactly what the Triton stage 1 writes (normalized partial output and natural
+log-sum-exp per split, or the final output with one split), with the same split bounds
+(``_split_bounds`` rounded to ``BLOCK_N``), so the Triton stage 2 merges its splits. An
+empty split writes ``(0, -inf)``; a sequence of length 0 gives output 0 and LSE -inf.
+
+Scope (``supports``): bf16 or fp16 query and caches, separate K and V caches with equal
+head dims of 64, 128 or 256, groups of up to ``BLOCK_H`` heads, paged (any page size) or
+static cache, optional per-sequence lengths; no mask, softcap, window or fp8 scales.
+Gluon kernels do not run under the Triton interpreter: on CPU the Triton kernel is what
+is tested; this one is checked against the float32 reference on the GPU
+(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import cuda_major
+
+try:  # Gluon ships with Triton >= 3.5; its Hopper module with wgmma and cp.async
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+#: query heads per program: one wgmma M tile (smaller groups are padded)
+BLOCK_H = 64
+HEAD_DIMS = (64, 128, 256)
+#: keys per tile at most: wgmma's largest N
+MAX_BLOCK_N = 256
+NUM_WARPS = 4
+#: the batch is the grid's second dimension, which CUDA caps
+MAX_BATCH = 65535
+
+
+if HAVE_GLUON:
+    _LOG2E = gl.constexpr(1.4426950408889634)
+    _LN2 = gl.constexpr(0.6931471805599453)
+
+    @gluon.jit
+    def _tile_pages(BlockTable, b, stride_btb, start, hi, BLOCK_N: gl.constexpr,
+                    PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, layout: gl.constexpr):
+        """The page id of each position ``start + [0, BLOCK_N)`` (0 past ``hi``; unused
+        for a static cache). Only loaded here: the first use is a step later."""
+        pos = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        if PAGED:
+            page = gl.load(BlockTable + b.to(gl.int64) * stride_btb + pos // PAGE_SIZE,
+                           mask=pos < hi, other=0)
+        else:
+            page = pos * 0
+        return page
+
+    @gluon.jit
+    def _issue_tile(K, V, page, b, kvh, start, hi, k_smem, v_smem,
+                    stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
+                    HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                    PAGED: gl.constexpr, layout: gl.constexpr):
+        """Start the copies of one K and one V tile (rows past ``hi`` written as zeros)."""
+        pos = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        ok = pos < hi
+        if PAGED:
+            blk = page.to(gl.int64)
+            slot = (pos % PAGE_SIZE).to(gl.int64)
+        else:
+            blk = b.to(gl.int64) + pos.to(gl.int64) * 0
+            slot = pos.to(gl.int64)
+        k_rows = blk * stride_k0 + slot * stride_k1 + kvh.to(gl.int64) * stride_kh
+        v_rows = blk * stride_v0 + slot * stride_v1 + kvh.to(gl.int64) * stride_vh
+        offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
+        async_copy.async_copy_global_to_shared(
+            k_smem, K + k_rows[:, None] + offs_d[None, :], mask=ok[:, None])
+        async_copy.async_copy_global_to_shared(
+            v_smem, V + v_rows[:, None] + offs_d[None, :], mask=ok[:, None])
+
+    @gluon.jit
+    def gqa_decode_sm90_stage1(
+        Q, K, V, BlockTable, SeqLens, PartialOut, PartialLse, Out, Lse,
+        sm_scale, max_positions, group_size,
+        stride_qb, stride_qh, stride_k0, stride_k1, stride_kh, stride_v0, stride_v1,
+        stride_vh, stride_btb,
+        stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+        stride_ob, stride_oh, stride_lb, stride_lh,
+        HEAD_D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr,
+        PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQLENS: gl.constexpr,
+    ):
+        gl.static_assert(BLOCK_H == 64)
+        gl.static_assert(NUM_STAGES >= 2)
+        kvh = gl.program_id(0)  # KV heads vary fastest: a sequence's heads run side by side
+        b = gl.program_id(1)
+        split = gl.program_id(2)
+        dtype: gl.constexpr = Q.dtype.element_ty
+
+        # ---- layouts: one warpgroup, rows = heads
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+        COL_THREADS: gl.constexpr = HEAD_D // 8 if HEAD_D // 8 < 32 else 32
+        ld_layout: gl.constexpr = gl.BlockedLayout(
+            size_per_thread=[1, 8], threads_per_warp=[32 // COL_THREADS, COL_THREADS],
+            warps_per_cta=[4, 1], order=[1, 0])
+        kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HEAD_D], dtype)
+        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, HEAD_D], q_sl)
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], kv_sl)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], kv_sl)
+        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_sl)
+
+        # ---- split bounds (as _split_bounds in grouped_decode.py, rounded to BLOCK_N)
+        if HAS_SEQLENS:
+            kv_end = gl.load(SeqLens + b).to(gl.int32)
+        else:
+            kv_end = max_positions
+        span = gl.maximum(kv_end, 0)
+        per_split = (span + NUM_SPLITS - 1) // NUM_SPLITS
+        per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = split * per_split
+        hi = gl.minimum(lo + per_split, kv_end)
+        num_tiles = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+
+        # ---- the query heads of the KV head (rows past them are zeros), once
+        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_layout))
+        head_ok = offs_h < group_size
+        q_rows = (Q + b.to(gl.int64) * stride_qb
+                  + (kvh * group_size + offs_h)[:, None] * stride_qh)
+        offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, ld_layout))
+        async_copy.async_copy_global_to_shared(q_smem, q_rows + offs_d[None, :],
+                                               mask=head_ok[:, None])
+        async_copy.commit_group()
+
+        # ---- prologue: the first NUM_STAGES - 1 tiles in flight, the next tile's pages
+        for s in gl.static_range(NUM_STAGES - 1):
+            start = lo + s * BLOCK_N
+            page = _tile_pages(BlockTable, b, stride_btb, start, hi, BLOCK_N, PAGE_SIZE,
+                               PAGED, ld_layout)
+            _issue_tile(K, V, page, b, kvh, start, hi, k_bufs.index(s), v_bufs.index(s),
+                        stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
+                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+            async_copy.commit_group()
+        next_page = _tile_pages(BlockTable, b, stride_btb, lo + (NUM_STAGES - 1) * BLOCK_N,
+                                hi, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+
+        qk_scale = sm_scale * _LOG2E  # logits in base 2
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_H, HEAD_D], gl.float32, layout=o_layout)
+        offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+        for j in range(num_tiles):
+            # tile j has landed (this thread's copies; the barrier makes it everyone's and
+            # also means every warp finished iteration j - 1, whose stage is reused below)
+            async_copy.wait_group(NUM_STAGES - 2)
+            fence_async_shared()
+            gl.thread_barrier()
+            nxt = j + NUM_STAGES - 1
+            _issue_tile(K, V, next_page, b, kvh, lo + nxt * BLOCK_N, hi,
+                        k_bufs.index(nxt % NUM_STAGES), v_bufs.index(nxt % NUM_STAGES),
+                        stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
+                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+            async_copy.commit_group()
+            # the page ids of the tile after: in flight while this tile computes
+            next_page = _tile_pages(BlockTable, b, stride_btb, lo + (nxt + 1) * BLOCK_N, hi,
+                                    BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+
+            k_smem = k_bufs.index(j % NUM_STAGES)
+            v_smem = v_bufs.index(j % NUM_STAGES)
+            qk = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
+            qk = warpgroup_mma(q_smem, k_smem.permute((1, 0)), qk, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+
+            qk = qk * qk_scale
+            col_ok = lo + j * BLOCK_N + offs_ns < hi
+            qk = gl.where(col_ok[None, :], qk, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(qk, 1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(qk - m_safe[:, None])
+            alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+
+            p_smem.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            acc = warpgroup_mma(p_smem, v_smem, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+        async_copy.wait_group(0)
+
+        # ---- epilogue (natural-log LSE, as the Triton stage 1)
+        has_mass = l_i > 0.0
+        inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
+        out = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_layout))[:, None]
+        lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * _LN2,
+                       float("-inf"))
+        hg_o = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
+        offs_do = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        hg_l = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
+        heads_o = kvh * group_size + hg_o
+        heads_l = kvh * group_size + hg_l
+        ok_o = (hg_o < group_size)[:, None] & (offs_do < HEAD_D)[None, :]
+        if NUM_SPLITS == 1:
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads_o[:, None] * stride_oh
+                      + offs_do[None, :])
+            gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_o)
+            gl.store(Lse + b.to(gl.int64) * stride_lb + heads_l * stride_lh, lse,
+                     mask=hg_l < group_size)
+        else:
+            p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads_o[:, None] * stride_ph
+                      + split * stride_ps + offs_do[None, :])
+            gl.store(p_ptrs, out, mask=ok_o)
+            gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh + split,
+                     lse, mask=hg_l < group_size)
+
+
+def _aligned(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """16-byte copies need 16-byte aligned rows: the kernel is compiled for strides
+    divisible by 16 elements (Triton's integer specialization) and a 16-byte aligned start
+    (allocations are; a view's offset must keep it)."""
+    return ((t.storage_offset() * t.element_size()) % 16 == 0
+            and all(s % 16 == 0 for s in strides))
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
+             softcap: float, window: int | None, k_scale, v_scale) -> bool:
+    """Whether a validated call can run this kernel (see the module docstring)."""
+    if not (HAVE_GLUON and q.is_cuda and v_cache is not None and mask is None and not softcap
+            and (window is None or window < 0) and k_scale is None and v_scale is None):
+        return False
+    # paged (blocks, page, Hkv, D) or static (B, Hkv, S, D): three row strides either way
+    k_rows, v_rows = k_cache.stride()[:3], v_cache.stride()[:3]
+    num_kv_heads = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+    head_dim = q.shape[-1]
+    return (q.dtype in (torch.bfloat16, torch.float16)
+            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and head_dim in HEAD_DIMS and k_cache.shape[-1] == head_dim
+            and v_cache.shape[-1] == head_dim
+            and q.shape[1] // num_kv_heads <= BLOCK_H and q.shape[0] <= MAX_BATCH
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and _aligned(q, (q.stride(0), q.stride(1))) and _aligned(k_cache, k_rows)
+            and _aligned(v_cache, v_rows)
+            and cuda_major(q.device) == 9)
