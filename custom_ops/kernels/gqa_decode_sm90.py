@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import cuda_major
+from .mla_decode_sm90 import _aligned
 
 try:  # Gluon ships with Triton >= 3.5; its Hopper module with wgmma and cp.async
     from triton.experimental import gluon
@@ -247,14 +248,6 @@ if HAVE_GLUON:
             gl.store(p_ptrs, out, mask=ok_o)
             gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh + split,
                      lse, mask=hg_l < group_size)
-
-
-def _aligned(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
-    """16-byte copies need 16-byte aligned rows: the kernel is compiled for strides
-    divisible by 16 elements (Triton's integer specialization) and a 16-byte aligned start
-    (allocations are; a view's offset must keep it)."""
-    return ((t.storage_offset() * t.element_size()) % 16 == 0
-            and all(s % 16 == 0 for s in strides))
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
