@@ -449,6 +449,10 @@ def table_gqa(copy_gbps, rows):
             fn = ours_gqa(q, k, v, table, lens)
             row["splits"] = fn()[2].num_kv_splits
             row["ours_us"] = timed(fn)
+            row["kernel"] = fn()[2].kernel
+            if row["kernel"] != "triton":
+                row["ours_triton_us"] = _try(
+                    lambda: ours_gqa(q, k, v, table, lens, kernel="triton"), "ours triton")
             row["ours_1split_us"] = _try(lambda: ours_gqa(q, k, v, table, lens, num_kv_splits=1),
                                          "ours 1 split")
             row["flashinfer_us"] = _try(lambda: flashinfer_gqa(q, k, v, table, lens), "flashinfer")
@@ -557,7 +561,7 @@ def main() -> None:
                  "(page 16 GQA / 64 MLA); ours_static = HF-layout (B, Hkv, S, D) cache; "
                  "vs_best_baseline = best of FlashInfer and SDPA(enable_gqa) time / ours time "
                  "(> 1: ours faster); split_gain = one-split time / chosen-split time; "
-                 "kernel = stage 1 of ours (sm90: the Gluon MLA kernel on SM90; "
+                 "kernel = stage 1 of ours (sm90: the Gluon MLA kernel on SM90, sm90_gqa: the Gluon GQA kernel; "
                  "ours_triton_us: the Triton kernel at its defaults, same call); "
                  "static_kernel = stage 1 of ours_static (sm90_gqa: the Gluon GQA kernel); "
                  "static_vs_sdpa = SDPA(enable_gqa) time / ours_static time, same layout. "

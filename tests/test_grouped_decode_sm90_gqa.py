@@ -67,8 +67,8 @@ def test_static_against_float64(hq, hkv, d, splits, dtype, mark):
 @pytest.mark.parametrize("block_n,stages", [(64, 3), (32, 2), (128, 2)])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
 def test_paged_with_poisoned_tails(page, block_n, stages, mark):
-    """Forced on paged caches (the default keeps them on the Triton stage 1): rows past
-    every length hold NaN and must never be read."""
+    """Paged caches: rows past every length hold NaN and must never be read; the page ids
+    go through their own shared-memory ring (1, 16 and 64 pages per tile and less)."""
     torch.manual_seed(page + block_n)
     b, hq, hkv, d, cap = 4, 32, 8, 128, 640
     pages = cap // page
@@ -88,14 +88,39 @@ def test_paged_with_poisoned_tails(page, block_n, stages, mark):
                num_kv_splits=splits)
 
 
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
-def test_default_takes_it_for_static_caches_only(mark):
+def test_distinct_kv_strides(paged, mark):
+    """V's rows strided unlike K's (V a view into a wider buffer): the kernel computes
+    V's row offsets separately instead of reusing K's."""
+    torch.manual_seed(paged)
+    b, hq, hkv, d, cap, page = 3, 32, 8, 128, 448, 16
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([1, 200, 448], device="cuda", dtype=torch.int32)
+    if paged:
+        k = torch.randn(b * cap // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b * cap // page, page, hkv, 2 * d, device="cuda",
+                        dtype=torch.bfloat16)[..., d:]
+        table = torch.randperm(b * cap // page, device="cuda", dtype=torch.int32).view(b, -1)
+    else:
+        k = torch.randn(b, hkv, cap, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, cap, 2 * d, device="cuda", dtype=torch.bfloat16)[..., :d]
+        table = None
+    assert k.stride() != v.stride()
+    for splits in (1, 4):
+        _check(q, k, v, table, lens, d ** -0.5, num_kv_splits=splits)
+
+
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
+def test_default_takes_it_for_static_and_paged_caches(mark):
     q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 8, 256, 128, device="cuda", dtype=torch.bfloat16)
     assert grouped_decode_kernel(q, k, k, scale=0.1)[2].kernel == "sm90_gqa"
     kp = k.transpose(1, 2).contiguous()  # (blocks=2, page=256, Hkv, D)
     table = torch.arange(2, device="cuda", dtype=torch.int32).view(2, 1)
-    assert grouped_decode_kernel(q, kp, kp, block_table=table, scale=0.1)[2].kernel == "triton"
+    assert grouped_decode_kernel(q, kp, kp, block_table=table, scale=0.1)[2].kernel == "sm90_gqa"
+    assert grouped_decode_kernel(q, kp, kp, block_table=table, scale=0.1,
+                                 kernel="triton")[2].kernel == "triton"
     # a mask, softcap, window or fp8 scale keeps the Triton stage 1
     mask = torch.ones(2, 256, device="cuda", dtype=torch.bool)
     assert grouped_decode_kernel(q, k, k, mask=mask, scale=0.1)[2].kernel == "triton"
@@ -128,9 +153,10 @@ def test_settings_follow_the_measured_rule(monkeypatch):
     assert (cfg.num_stages, cfg.num_kv_splits) == (2, 1)
     # head dim 256: 3 stages do not fit, 2 do
     assert _settings(head_dim_k=256).num_stages == 2
-    # paged caches keep the Triton stage 1 unless forced
-    assert _settings(paged=True).kernel == "triton"
-    assert _settings(paged=True, kernel="sm90_gqa").kernel == "sm90_gqa"
+    # paged caches take it too (same rule), unless the Triton stage 1 is forced
+    cfg = _settings(paged=True)
+    assert (cfg.kernel, cfg.num_stages, cfg.num_kv_splits) == ("sm90_gqa", 3, 1)
+    assert _settings(paged=True, kernel="triton").kernel == "triton"
     assert _settings(kernel="triton").kernel == "triton"
 
 
@@ -149,7 +175,9 @@ def test_forcing_it_wrongly_is_an_error():
 
 def test_smem_budget_matches_the_compiled_kernel():
     """The launcher's shared-memory arithmetic is the kernel's allocation (compiled for
-    sm_90 with Triton 3.6: 155,648 bytes at head dim 128, 64 keys, 4 stages)."""
-    assert gd.sm90_gqa_smem_bytes(128, 64, 4) == 155_648
+    sm_90 with Triton 3.6: 155,648 bytes at head dim 128, 64 keys, 4 stages on a static
+    cache; 123,648 with 3 stages on a paged one, whose page-id ring adds 3 x 256)."""
+    assert gd.sm90_gqa_smem_bytes(128, 64, 4, paged=False) == 155_648
+    assert gd.sm90_gqa_smem_bytes(128, 64, 3, paged=True) == 123_648
     assert gd.sm90_gqa_max_stages(128, 64) == 6
     assert gd.sm90_gqa_max_stages(256, 64) == 2

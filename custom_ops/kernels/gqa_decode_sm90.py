@@ -1,6 +1,6 @@
 """Stage 1 of grouped (GQA / MQA) decode on Hopper (SM90), written in Gluon: the query
 heads of one KV head on warpgroup MMA, K and V tiles streamed through a deep ``cp.async``
-ring with the page ids read one tile ahead of their copies.
+ring, and the page ids through a ring of their own, copied with the tiles before theirs.
 
 Why a second GQA stage-1 kernel
 -------------------------------
@@ -14,10 +14,16 @@ Here the ring is explicit:
 
 * ``NUM_STAGES`` stages of one K tile and one V tile (``BLOCK_N x HEAD_D`` each) in shared
   memory, filled by masked ``cp.async`` copies (a masked copy writes zeros, so page tails
-  are never read) ``NUM_STAGES - 1`` tiles ahead of use;
-* the page ids of the tile to be copied next are loaded one loop step before the copies
-  that use them, so their latency hides behind a tile's compute instead of stalling the
-  copy issue;
+  are never read) ``NUM_STAGES - 1`` tiles ahead of use. Each thread copies 16 bytes per
+  row, so one copy instruction of a warp covers whole rows (wider copies per thread, with
+  fewer row offsets to compute, were slower: ``bench_decode_sweep_v14.md``);
+* on a paged cache the page ids of tile ``t + NUM_STAGES - 1`` are copied into a
+  ``NUM_STAGES``-slot shared-memory ring in the same copy group as tile ``t``, and read
+  from there when tile ``t + NUM_STAGES - 1``'s copies start. Loaded into registers
+  instead, even a step ahead, each page-table miss was paid in full: the loop's fences
+  (needed before wgmma reads shared memory) sit between the load and its use and wait
+  for it (page 16, B=16 ctx 8k: 202 us with register loads, 181 us with the ring;
+  ``bench_decode_sweep_v14.md``);
 * the query tile (``BLOCK_H = 64`` rows, the group's heads, padded with zero rows) is in
   shared memory; ``S = Q K^T`` and ``O += P V`` run on one warpgroup's wgmma. With a
   group of 4 heads 15/16 of the MMA rows are padding, which costs about 500 tensor-core
@@ -66,7 +72,6 @@ NUM_WARPS = 4
 #: the batch is the grid's second dimension, which CUDA caps
 MAX_BATCH = 65535
 
-
 if HAVE_GLUON:
     _LOG2E = gl.constexpr(1.4426950408889634)
     _LN2 = gl.constexpr(0.6931471805599453)
@@ -75,7 +80,7 @@ if HAVE_GLUON:
     def _tile_pages(BlockTable, b, stride_btb, start, hi, BLOCK_N: gl.constexpr,
                     PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, layout: gl.constexpr):
         """The page id of each position ``start + [0, BLOCK_N)`` (0 past ``hi``; unused
-        for a static cache). Only loaded here: the first use is a step later."""
+        for a static cache), loaded into registers: for the prologue's tiles only."""
         pos = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
         if PAGED:
             page = gl.load(BlockTable + b.to(gl.int64) * stride_btb + pos // PAGE_SIZE,
@@ -85,26 +90,44 @@ if HAVE_GLUON:
         return page
 
     @gluon.jit
-    def _issue_tile(K, V, page, b, kvh, start, hi, k_smem, v_smem,
-                    stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
+    def _copy_pages(BlockTable, b, stride_btb, start, hi, ids_smem, BLOCK_N: gl.constexpr,
+                    PAGE_SIZE: gl.constexpr):
+        """Start copying the page id of each position ``start + [0, BLOCK_N)`` into shared
+        memory (0 past ``hi``). An async copy, not a load into registers: the loop's
+        fences wait for a register load, so page-table misses stalled every step (page
+        16, B=16, 8k: 210 us loaded, 187 us with the ids computed instead)."""
+        id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        pos = start + gl.arange(0, BLOCK_N, layout=id_layout)
+        async_copy.async_copy_global_to_shared(
+            ids_smem, BlockTable + b.to(gl.int64) * stride_btb + pos // PAGE_SIZE,
+            mask=pos < hi)
+
+    @gluon.jit
+    def _issue_tile(Kh, Vh, page, b, start, hi, k_smem, v_smem,
+                    stride_k0, stride_k1, stride_v0, stride_v1,
                     HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                    PAGED: gl.constexpr, layout: gl.constexpr):
-        """Start the copies of one K and one V tile (rows past ``hi`` written as zeros)."""
+                    PAGED: gl.constexpr, SAME_KV_ROWS: gl.constexpr, layout: gl.constexpr):
+        """Start the copies of one K and one V tile (rows past ``hi`` written as zeros).
+        ``Kh``/``Vh`` point at the program's KV head; with ``SAME_KV_ROWS`` (equal K and V
+        row strides) the row offsets are computed once for both."""
         pos = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
         ok = pos < hi
         if PAGED:
-            blk = page.to(gl.int64)
-            slot = (pos % PAGE_SIZE).to(gl.int64)
+            # the position within a page times its stride stays far below 2**31
+            k_rows = page.to(gl.int64) * stride_k0 + (pos % PAGE_SIZE) * stride_k1
         else:
-            blk = b.to(gl.int64) + pos.to(gl.int64) * 0
-            slot = pos.to(gl.int64)
-        k_rows = blk * stride_k0 + slot * stride_k1 + kvh.to(gl.int64) * stride_kh
-        v_rows = blk * stride_v0 + slot * stride_v1 + kvh.to(gl.int64) * stride_vh
+            k_rows = b.to(gl.int64) * stride_k0 + pos.to(gl.int64) * stride_k1
+        if SAME_KV_ROWS:
+            v_rows = k_rows
+        elif PAGED:
+            v_rows = page.to(gl.int64) * stride_v0 + (pos % PAGE_SIZE) * stride_v1
+        else:
+            v_rows = b.to(gl.int64) * stride_v0 + pos.to(gl.int64) * stride_v1
         offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, layout))
         async_copy.async_copy_global_to_shared(
-            k_smem, K + k_rows[:, None] + offs_d[None, :], mask=ok[:, None])
+            k_smem, Kh + k_rows[:, None] + offs_d[None, :], mask=ok[:, None])
         async_copy.async_copy_global_to_shared(
-            v_smem, V + v_rows[:, None] + offs_d[None, :], mask=ok[:, None])
+            v_smem, Vh + v_rows[:, None] + offs_d[None, :], mask=ok[:, None])
 
     @gluon.jit
     def gqa_decode_sm90_stage1(
@@ -117,6 +140,7 @@ if HAVE_GLUON:
         HEAD_D: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
         NUM_STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr,
         PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQLENS: gl.constexpr,
+        SAME_KV_ROWS: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64)
         gl.static_assert(NUM_STAGES >= 2)
@@ -124,12 +148,16 @@ if HAVE_GLUON:
         b = gl.program_id(1)
         split = gl.program_id(2)
         dtype: gl.constexpr = Q.dtype.element_ty
+        Kh = K + kvh.to(gl.int64) * stride_kh
+        Vh = V + kvh.to(gl.int64) * stride_vh
 
         # ---- layouts: one warpgroup, rows = heads
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+        # copies: 16 bytes per thread, a warp's copy instruction on whole rows (wider
+        # copies per thread leave every instruction's rows half-covered: slower)
         COL_THREADS: gl.constexpr = HEAD_D // 8 if HEAD_D // 8 < 32 else 32
         ld_layout: gl.constexpr = gl.BlockedLayout(
             size_per_thread=[1, 8], threads_per_warp=[32 // COL_THREADS, COL_THREADS],
@@ -142,6 +170,9 @@ if HAVE_GLUON:
         k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], kv_sl)
         v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_D], kv_sl)
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_sl)
+        # page ids of the tiles NUM_STAGES - 1 ahead of the next copies (paged caches)
+        ids_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        ids_bufs = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N], ids_sl)
 
         # ---- split bounds (as _split_bounds in grouped_decode.py, rounded to BLOCK_N)
         if HAS_SEQLENS:
@@ -165,17 +196,21 @@ if HAVE_GLUON:
                                                mask=head_ok[:, None])
         async_copy.commit_group()
 
-        # ---- prologue: the first NUM_STAGES - 1 tiles in flight, the next tile's pages
+        # ---- prologue: the first NUM_STAGES - 1 tiles in flight. The copy group of tile
+        # t also carries the page ids of tile t + NUM_STAGES - 1, whose copies start at
+        # step t, right after that group is waited for.
         for s in gl.static_range(NUM_STAGES - 1):
             start = lo + s * BLOCK_N
             page = _tile_pages(BlockTable, b, stride_btb, start, hi, BLOCK_N, PAGE_SIZE,
                                PAGED, ld_layout)
-            _issue_tile(K, V, page, b, kvh, start, hi, k_bufs.index(s), v_bufs.index(s),
-                        stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
-                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+            _issue_tile(Kh, Vh, page, b, start, hi, k_bufs.index(s), v_bufs.index(s),
+                        stride_k0, stride_k1, stride_v0, stride_v1,
+                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, SAME_KV_ROWS, ld_layout)
+            if PAGED:
+                _copy_pages(BlockTable, b, stride_btb, start + (NUM_STAGES - 1) * BLOCK_N, hi,
+                            ids_bufs.index((s + NUM_STAGES - 1) % NUM_STAGES), BLOCK_N,
+                            PAGE_SIZE)
             async_copy.commit_group()
-        next_page = _tile_pages(BlockTable, b, stride_btb, lo + (NUM_STAGES - 1) * BLOCK_N,
-                                hi, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
 
         qk_scale = sm_scale * _LOG2E  # logits in base 2
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -190,14 +225,20 @@ if HAVE_GLUON:
             fence_async_shared()
             gl.thread_barrier()
             nxt = j + NUM_STAGES - 1
-            _issue_tile(K, V, next_page, b, kvh, lo + nxt * BLOCK_N, hi,
+            if PAGED:  # copied with tile j's group (the slot is rewritten at step j + 1)
+                page = ids_bufs.index(nxt % NUM_STAGES).load(gl.SliceLayout(1, ld_layout))
+            else:
+                page = _tile_pages(BlockTable, b, stride_btb, lo + nxt * BLOCK_N, hi,
+                                   BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+            _issue_tile(Kh, Vh, page, b, lo + nxt * BLOCK_N, hi,
                         k_bufs.index(nxt % NUM_STAGES), v_bufs.index(nxt % NUM_STAGES),
-                        stride_k0, stride_k1, stride_kh, stride_v0, stride_v1, stride_vh,
-                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
+                        stride_k0, stride_k1, stride_v0, stride_v1,
+                        HEAD_D, BLOCK_N, PAGE_SIZE, PAGED, SAME_KV_ROWS, ld_layout)
+            if PAGED:  # into the slot read at step j - 1
+                _copy_pages(BlockTable, b, stride_btb, lo + (nxt + NUM_STAGES - 1) * BLOCK_N,
+                            hi, ids_bufs.index((nxt + NUM_STAGES - 1) % NUM_STAGES),
+                            BLOCK_N, PAGE_SIZE)
             async_copy.commit_group()
-            # the page ids of the tile after: in flight while this tile computes
-            next_page = _tile_pages(BlockTable, b, stride_btb, lo + (nxt + 1) * BLOCK_N, hi,
-                                    BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
 
             k_smem = k_bufs.index(j % NUM_STAGES)
             v_smem = v_bufs.index(j % NUM_STAGES)

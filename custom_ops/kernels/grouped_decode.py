@@ -17,8 +17,8 @@ decode kernel the same way):
   log-sum-exp, MERGE_CHUNK splits per step.
 
 With one split, stage 1 writes the final output and stage 2 is not launched. On SM90,
-MLA calls run stage 1 as the Gluon kernel of ``mla_decode_sm90.py`` and GQA calls on
-static caches as the one of ``gqa_decode_sm90.py`` (same outputs, same split bounds;
+MLA calls run stage 1 as the Gluon kernel of ``mla_decode_sm90.py`` and GQA calls as
+the one of ``gqa_decode_sm90.py`` (same outputs, same split bounds;
 ``decode_settings`` picks them), merged by the same stage 2.
 
 Invariants (each one a bug seen elsewhere; see research/anchors-kernels.md section 4)
@@ -120,14 +120,16 @@ INTERPRETER_SM_COUNT = 8
 SM90_BLOCK_N = 64
 SM90_NUM_STAGES = 2
 SM90_PROGRAMS_PER_SM = 1
-#: the SM90 Gluon GQA stage 1 (``gqa_decode_sm90.py``, static caches): keys per tile and
-#: tiles in flight (fewer where they would not fit ``SM90_SMEM_BYTES``). Where the
-#: (sequence, KV head) programs number from half to twice the SMs, 3 stages and splits
-#: for one program per SM (usually 1 split: no merge); elsewhere 2 stages and splits for
-#: as many programs as fit on an SM (2 at head dim 128). H100, 12 GQA 32/8-head points
-#: (benchmarks/results/bench_decode_sweep_v13.md): 0.997-1.28x SDPA's time ratio, where
-#: the Triton stage 1 gave 0.85-1.24x (B=16 ctx 1k: 26.2 us with 3 stages and 1 split,
-#: 28.3 us with 2 stages and 2 splits, 30.9 us Triton)
+#: the SM90 Gluon GQA stage 1 (``gqa_decode_sm90.py``, static and paged caches): keys per
+#: tile and tiles in flight (fewer where they would not fit ``SM90_SMEM_BYTES``). Where
+#: the (sequence, KV head) programs number from half to twice the SMs, 3 stages and
+#: splits for one program per SM (usually 1 split: no merge); elsewhere 2 stages and
+#: splits for as many programs as fit on an SM (2 at head dim 128). H100, 12 GQA
+#: 32/8-head points: static caches 0.997-1.28x SDPA's time ratio, where the Triton stage
+#: 1 gave 0.85-1.24x (B=16 ctx 1k: 26.2 us with 3 stages and 1 split, 28.3 us with 2
+#: stages and 2 splits, 30.9 us Triton; bench_decode_sweep_v13.md); paged caches (page
+#: 16) 0.96-1.16x the best of FlashInfer and SDPA, 1.0-1.14x faster than the Triton stage
+#: 1 but at B=16 ctx 128k (1.004x slower; bench_decode_sweep_v14.md)
 SM90_GQA_BLOCK_N = 64
 SM90_GQA_NUM_STAGES_FILLED = 3
 SM90_GQA_NUM_STAGES = 2
@@ -398,16 +400,20 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, head_tiles: int, capacit
     return max(1, min(wanted, worthwhile, AUTO_MAX_KV_SPLITS))
 
 
-def sm90_gqa_smem_bytes(head_dim: int, block_n: int, num_stages: int) -> int:
+def sm90_gqa_smem_bytes(head_dim: int, block_n: int, num_stages: int,
+                        paged: bool = True) -> int:
     """Shared memory of one program of the SM90 GQA kernel (16-bit elements): the query
-    tile, ``num_stages`` K and V tiles of ``block_n`` keys, and P."""
+    tile, ``num_stages`` K and V tiles of ``block_n`` keys (and their page ids on a paged
+    cache), and P."""
     block_h = sm90_gqa.BLOCK_H
-    return 2 * (block_h * head_dim + num_stages * 2 * block_n * head_dim + block_h * block_n)
+    ids = num_stages * 4 * block_n if paged else 0
+    return 2 * (block_h * head_dim + num_stages * 2 * block_n * head_dim + block_h * block_n) + ids
 
 
-def sm90_gqa_max_stages(head_dim: int, block_n: int) -> int:
-    fixed = sm90_gqa_smem_bytes(head_dim, block_n, 0)
-    return (SM90_SMEM_BYTES - fixed) // (4 * block_n * head_dim)
+def sm90_gqa_max_stages(head_dim: int, block_n: int, paged: bool = True) -> int:
+    fixed = sm90_gqa_smem_bytes(head_dim, block_n, 0, paged)
+    per_stage = sm90_gqa_smem_bytes(head_dim, block_n, 1, paged) - fixed
+    return (SM90_SMEM_BYTES - fixed) // per_stage
 
 
 def choose_merge_dv(batch: int, num_q_heads: int, head_dim_v: int, num_kv_splits: int,
@@ -452,9 +458,9 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     A call the SM90 Gluon MLA kernel can run (``sm90_eligible``, from
     ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
     tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
-    ``SM90_PROGRAMS_PER_SM`` as the split target. A static-cache call the SM90 Gluon GQA
-    kernel can run (``sm90_gqa_eligible``, from ``gqa_decode_sm90.supports``) runs that one
-    (``kernel="sm90_gqa"`` forces it on a paged cache too): 64-row head tiles,
+    ``SM90_PROGRAMS_PER_SM`` as the split target. A call the SM90 Gluon GQA kernel can run
+    (``sm90_gqa_eligible``, from ``gqa_decode_sm90.supports``; static or paged cache) runs
+    that one unless ``kernel="triton"`` is forced: 64-row head tiles,
     ``SM90_GQA_BLOCK_N`` keys, 4 warps, and the stage count and split target of the
     ``SM90_GQA_*`` comment.
 
@@ -471,12 +477,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
         raise ValueError("kernel='sm90_gqa' needs an SM90 GPU, Gluon, and a GQA call it "
                          "supports (see attnfuse.custom_ops.kernels.gqa_decode_sm90.supports)")
     if kernel is None:
-        # the Gluon GQA kernel on static caches only: on a paged cache at page 16 it was no
-        # faster than the Triton stage 1 (B=16 ctx 1k 29.7-30.0 vs 31.0 us, ctx 8k 185-203
-        # vs 184 us; bench_decode_sweep_v13.md)
-        kernel = ("sm90" if sm90_eligible
-                  else "sm90_gqa" if sm90_gqa_eligible and not paged
-                  else "triton")
+        kernel = "sm90" if sm90_eligible else "sm90_gqa" if sm90_gqa_eligible else "triton"
     for name, value in (("merge_chunk", merge_chunk), ("merge_dv", merge_dv)):
         if value is not None and (value < 2 or value & (value - 1)):
             raise ValueError(f"{name}: expected a power of two >= 2, got {value}")
@@ -506,7 +507,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
         if block_n > sm90_gqa.MAX_BLOCK_N or block_n & (block_n - 1) or block_n < 16:
             raise ValueError(f"block_n: expected a power of two in 16..{sm90_gqa.MAX_BLOCK_N}, "
                              f"got {block_n}")
-        fits = sm90_gqa_max_stages(head_dim_k, block_n)
+        fits = sm90_gqa_max_stages(head_dim_k, block_n, paged)
         if fits < 2:
             raise ValueError(f"block_n: two sm90_gqa stages of {block_n} x {head_dim_k} do not "
                              f"fit {SM90_SMEM_BYTES} bytes of shared memory")
@@ -518,7 +519,8 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
         num_stages = num_stages or min(
             SM90_GQA_NUM_STAGES_FILLED if filled else SM90_GQA_NUM_STAGES, fits)
         if num_kv_splits is None:
-            resident = SM90_SMEM_BYTES // sm90_gqa_smem_bytes(head_dim_k, block_n, num_stages)
+            resident = SM90_SMEM_BYTES // sm90_gqa_smem_bytes(head_dim_k, block_n, num_stages,
+                                                              paged)
             num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, 1, capacity, num_sms,
                                                  per_sm=1 if filled else resident)
         if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
@@ -722,7 +724,8 @@ def plan_grouped_decode(
              out.stride(0), out.stride(1), lse.stride(0), lse.stride(1)),
             dict(HEAD_D=head_dim_k, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
                  NUM_STAGES=config.num_stages, NUM_SPLITS=splits, PAGE_SIZE=page_size,
-                 PAGED=paged, HAS_SEQLENS=seq_lens is not None),
+                 PAGED=paged, HAS_SEQLENS=seq_lens is not None,
+                 SAME_KV_ROWS=(k0, k1) == (v0, v1)),
             num_warps=config.num_warps, num_stages=config.num_stages,
             writes=(5, 6) if splits > 1 else (7, 8),
         )
