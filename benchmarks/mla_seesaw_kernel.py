@@ -101,7 +101,9 @@ TRACE_PAIRS = 16
 
 
 if HAVE_GLUON:
-    from attnfuse.custom_ops.kernels.mla_decode_sm90 import _LN2, _LOG2E
+    from attnfuse.custom_ops.kernels._gluon_sm90 import LN2 as _LN2
+    from attnfuse.custom_ops.kernels._gluon_sm90 import LOG2E as _LOG2E
+    from attnfuse.custom_ops.kernels._gluon_sm90 import split_range
 
     # module constants as compile-time values inside the kernels
     _BH = gl.constexpr(BLOCK_H)
@@ -405,16 +407,8 @@ if HAVE_GLUON:
             mbarrier.init(xbars.index(i), count=1)
 
         # ---- split bounds (as the other stage-1 kernels, rounded to _BN)
-        if HAS_SEQLENS:
-            kv_end = gl.load(SeqLens + b).to(gl.int32)
-        else:
-            kv_end = max_positions
-        span = gl.maximum(kv_end, 0)
-        per_split = (span + NUM_SPLITS - 1) // NUM_SPLITS
-        per_split = (per_split + _BN - 1) // _BN * _BN
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, kv_end)
-        num_tiles = gl.maximum(hi - lo + _BN - 1, 0) // _BN
+        lo, hi, num_tiles = split_range(SeqLens, b, split, max_positions, NUM_SPLITS, _BN,
+                                        HAS_SEQLENS)
         num_pairs = (num_tiles + 1) // 2
         qk_scale = sm_scale * _LOG2E
         rec = (tile == 0) & (b == 0) & (split == 0)  # the traced program

@@ -13,6 +13,7 @@ import torch
 
 from attnfuse.custom_ops.grouped_decode import reference
 from attnfuse.custom_ops.kernels import mla_decode_sm90 as sm90
+from attnfuse.custom_ops.kernels._gluon_sm90 import aligned
 from attnfuse.custom_ops.kernels.grouped_decode import decode_settings, grouped_decode_kernel
 
 CKV, KPE = 512, 64
@@ -145,9 +146,9 @@ def test_eligible_settings():
 def test_alignment_rule():
     flat = torch.zeros(4 * 16 * D + 16, dtype=torch.bfloat16)
     base = flat[: 4 * 16 * D].view(4, 16, D)
-    assert sm90._aligned(base, (base.stride(0), base.stride(1)))
+    assert aligned(base, (base.stride(0), base.stride(1)))
     shifted = flat[8:8 + 4 * 16 * D].view(4, 16, D)  # 16 bytes in: still aligned
-    assert sm90._aligned(shifted, (shifted.stride(0), shifted.stride(1)))
+    assert aligned(shifted, (shifted.stride(0), shifted.stride(1)))
     odd = flat[1:1 + 4 * 16 * D].view(4, 16, D)
-    assert not sm90._aligned(odd, (odd.stride(0), odd.stride(1)))
-    assert not sm90._aligned(base, (584, 16))  # a row stride Triton does not specialize
+    assert not aligned(odd, (odd.stride(0), odd.stride(1)))
+    assert not aligned(base, (584, 16))  # a row stride Triton does not specialize

@@ -40,7 +40,7 @@ head dims of 64, 128 or 256, groups of up to ``BLOCK_H`` heads, paged (any page 
 static cache, optional per-sequence lengths; no mask, softcap, window or fp8 scales.
 Gluon kernels do not run under the Triton interpreter: on CPU the Triton kernel is what
 is tested; this one is checked against the float32 reference on the GPU
-(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_gpu.py``).
+(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_sm90_gqa.py``).
 """
 
 from __future__ import annotations
@@ -48,20 +48,19 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import cuda_major
-from .mla_decode_sm90 import _aligned
-
-try:  # Gluon ships with Triton >= 3.5; its Hopper module with wgmma and cp.async
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        async_copy,
-        fence_async_shared,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+from ._gluon_sm90 import (
+    HAVE_GLUON,
+    LOG2E,
+    aligned,
+    async_copy,
+    fence_async_shared,
+    finish_split,
+    gl,
+    gluon,
+    split_range,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 #: query heads per program: one wgmma M tile (smaller groups are padded)
 BLOCK_H = 64
@@ -73,8 +72,6 @@ NUM_WARPS = 4
 MAX_BATCH = 65535
 
 if HAVE_GLUON:
-    _LOG2E = gl.constexpr(1.4426950408889634)
-    _LN2 = gl.constexpr(0.6931471805599453)
 
     @gluon.jit
     def _tile_pages(BlockTable, b, stride_btb, start, hi, BLOCK_N: gl.constexpr,
@@ -174,17 +171,8 @@ if HAVE_GLUON:
         ids_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
         ids_bufs = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, BLOCK_N], ids_sl)
 
-        # ---- split bounds (as _split_bounds in grouped_decode.py, rounded to BLOCK_N)
-        if HAS_SEQLENS:
-            kv_end = gl.load(SeqLens + b).to(gl.int32)
-        else:
-            kv_end = max_positions
-        span = gl.maximum(kv_end, 0)
-        per_split = (span + NUM_SPLITS - 1) // NUM_SPLITS
-        per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, kv_end)
-        num_tiles = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+        lo, hi, num_tiles = split_range(SeqLens, b, split, max_positions, NUM_SPLITS, BLOCK_N,
+                                        HAS_SEQLENS)
 
         # ---- the query heads of the KV head (rows past them are zeros), once
         offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_layout))
@@ -212,7 +200,7 @@ if HAVE_GLUON:
                             PAGE_SIZE)
             async_copy.commit_group()
 
-        qk_scale = sm_scale * _LOG2E  # logits in base 2
+        qk_scale = sm_scale * LOG2E  # logits in base 2
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([BLOCK_H, HEAD_D], gl.float32, layout=o_layout)
@@ -265,30 +253,10 @@ if HAVE_GLUON:
 
         async_copy.wait_group(0)
 
-        # ---- epilogue (natural-log LSE, as the Triton stage 1)
-        has_mass = l_i > 0.0
-        inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
-        out = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_layout))[:, None]
-        lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * _LN2,
-                       float("-inf"))
-        hg_o = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-        offs_do = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
-        hg_l = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-        heads_o = kvh * group_size + hg_o
-        heads_l = kvh * group_size + hg_l
-        ok_o = (hg_o < group_size)[:, None] & (offs_do < HEAD_D)[None, :]
-        if NUM_SPLITS == 1:
-            o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads_o[:, None] * stride_oh
-                      + offs_do[None, :])
-            gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_o)
-            gl.store(Lse + b.to(gl.int64) * stride_lb + heads_l * stride_lh, lse,
-                     mask=hg_l < group_size)
-        else:
-            p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads_o[:, None] * stride_ph
-                      + split * stride_ps + offs_do[None, :])
-            gl.store(p_ptrs, out, mask=ok_o)
-            gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh + split,
-                     lse, mask=hg_l < group_size)
+        finish_split(acc, m_i, l_i, kvh * group_size, group_size, b, split,
+                     Out, Lse, PartialOut, PartialLse, stride_ob, stride_oh, stride_lb,
+                     stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+                     BLOCK_H, HEAD_D, NUM_SPLITS, o_layout, s_layout)
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
@@ -307,6 +275,6 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
             and v_cache.shape[-1] == head_dim
             and q.shape[1] // num_kv_heads <= BLOCK_H and q.shape[0] <= MAX_BATCH
             and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-            and _aligned(q, (q.stride(0), q.stride(1))) and _aligned(k_cache, k_rows)
-            and _aligned(v_cache, v_rows)
+            and aligned(q, (q.stride(0), q.stride(1))) and aligned(k_cache, k_rows)
+            and aligned(v_cache, v_rows)
             and cuda_major(q.device) == 9)

@@ -41,7 +41,7 @@ paged (any page size) or static cache, optional per-sequence lengths, batch up t
 ``MAX_BATCH``; no mask, softcap, window or fp8 scales (``supports`` says which calls
 qualify). Gluon kernels do not run under the Triton interpreter: on CPU the Triton
 kernel is what is tested; this one is checked against the float32 reference on the GPU
-(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_gpu.py``).
+(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_sm90.py``).
 """
 
 from __future__ import annotations
@@ -49,19 +49,19 @@ from __future__ import annotations
 import torch
 
 from .._dispatch import cuda_major
-
-try:  # Gluon ships with Triton >= 3.5; its Hopper module with wgmma and cp.async
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        async_copy,
-        fence_async_shared,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+from ._gluon_sm90 import (
+    HAVE_GLUON,
+    LOG2E,
+    aligned,
+    async_copy,
+    fence_async_shared,
+    finish_split,
+    gl,
+    gluon,
+    split_range,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 #: query heads per program: one wgmma M tile per warpgroup pair (fewer heads are padded)
 BLOCK_H = 64
@@ -74,8 +74,6 @@ MAX_BATCH = 65535
 
 
 if HAVE_GLUON:
-    _LOG2E = gl.constexpr(1.4426950408889634)
-    _LN2 = gl.constexpr(0.6931471805599453)
 
     @gluon.jit
     def _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1, start, hi,
@@ -141,17 +139,8 @@ if HAVE_GLUON:
         kt_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DT], wide_sl)
         p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_sl)
 
-        # ---- split bounds (as _split_bounds in grouped_decode.py, rounded to BLOCK_N)
-        if HAS_SEQLENS:
-            kv_end = gl.load(SeqLens + b).to(gl.int32)
-        else:
-            kv_end = max_positions
-        span = gl.maximum(kv_end, 0)
-        per_split = (span + NUM_SPLITS - 1) // NUM_SPLITS
-        per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, kv_end)
-        num_tiles = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+        lo, hi, num_tiles = split_range(SeqLens, b, split, max_positions, NUM_SPLITS, BLOCK_N,
+                                        HAS_SEQLENS)
 
         # ---- the query tile, once, into shared memory
         offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_layout))
@@ -173,7 +162,7 @@ if HAVE_GLUON:
                         ld_layout)
             async_copy.commit_group()
 
-        qk_scale = sm_scale * _LOG2E  # logits in base 2
+        qk_scale = sm_scale * LOG2E  # logits in base 2
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         # the softmax denominators stay per (row, key column) until the end: one reduction
         # across the warpgroups per tile (the maxima) instead of two (H100 A/B, 8 points:
@@ -222,36 +211,10 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
 
         l_i = gl.sum(l2d, 1)
-        # ---- epilogue (natural-log LSE, as the Triton stage 1)
-        has_mass = l_i > 0.0
-        inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
-        out = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_layout))[:, None]
-        lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * _LN2,
-                       float("-inf"))
-        heads_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-        offs_do = gl.arange(0, HEAD_DA, layout=gl.SliceLayout(0, o_layout))
-        heads_l = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-        ok_o = (heads_o < group_size)[:, None] & (offs_do < HEAD_DA)[None, :]
-        if NUM_SPLITS == 1:
-            o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads_o[:, None] * stride_oh
-                      + offs_do[None, :])
-            gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_o)
-            gl.store(Lse + b.to(gl.int64) * stride_lb + heads_l * stride_lh, lse,
-                     mask=heads_l < group_size)
-        else:
-            p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads_o[:, None] * stride_ph
-                      + split * stride_ps + offs_do[None, :])
-            gl.store(p_ptrs, out, mask=ok_o)
-            gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh + split,
-                     lse, mask=heads_l < group_size)
-
-
-def _aligned(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
-    """16-byte copies need 16-byte aligned rows: the kernel is compiled for strides
-    divisible by 16 elements (Triton's integer specialization) and a 16-byte aligned start
-    (allocations are; a view's offset must keep it)."""
-    return ((t.storage_offset() * t.element_size()) % 16 == 0
-            and all(s % 16 == 0 for s in strides))
+        finish_split(acc, m_i, l_i, tile * BLOCK_H, group_size - tile * BLOCK_H, b, split,
+                     Out, Lse, PartialOut, PartialLse, stride_ob, stride_oh, stride_lb,
+                     stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+                     BLOCK_H, HEAD_DA, NUM_SPLITS, o_layout, s_layout)
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
@@ -269,6 +232,6 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
             and q.shape[-1] == LATENT_DIM + ROPE_DIM and v_head_dim == LATENT_DIM
             and num_kv_heads == 1 and q.shape[0] <= MAX_BATCH
             and q.stride(-1) == 1 and k_cache.stride(-1) == 1
-            and _aligned(q, (q.stride(0), q.stride(1))) and _aligned(k_cache, row_strides)
+            and aligned(q, (q.stride(0), q.stride(1))) and aligned(k_cache, row_strides)
             and cuda_major(q.device) == 9)
 
