@@ -88,6 +88,24 @@ def test_paged_with_poisoned_tails(page, block_n, stages, mark):
                num_kv_splits=splits)
 
 
+@pytest.mark.parametrize("d,block_n,stages", [(64, 16, 4), (64, 256, 2), (256, 64, 2),
+                                               (128, 16, 3)])
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
+def test_paged_tile_shapes(d, block_n, stages, mark):
+    """Paged caches at the other head dims and at the smallest and largest tiles: the
+    page-id ring's copies cover 16 to 256 positions, fewer or more than the 128 threads."""
+    torch.manual_seed(d + block_n)
+    b, hq, hkv, cap, page = 3, 16, 4, 512, 16
+    k = torch.randn(b * cap // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    table = torch.randperm(b * cap // page, device="cuda", dtype=torch.int32).view(b, -1)
+    lens = torch.tensor([5, 300, 512], device="cuda", dtype=torch.int32)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    for splits in (1, 2):
+        _check(q, k, v, table, lens, d ** -0.5, block_n=block_n, num_stages=stages,
+               num_kv_splits=splits)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
 def test_distinct_kv_strides(paged, mark):
