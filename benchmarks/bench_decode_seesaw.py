@@ -40,13 +40,19 @@ class SeesawLaunch:
     """Stands in for the op's SM90 stage-1 launcher (same arguments) and runs the seesaw
     kernel: 4 warps in the default partition, the register cap of ``MAX_REGS``."""
 
-    def __init__(self, noload: bool = False, dbg: torch.Tensor | None = None) -> None:
+    #: ``--stagger``: the kernel's ``STAGGER`` switch for every launch
+    default_stagger = False
+
+    def __init__(self, noload: bool = False, dbg: torch.Tensor | None = None,
+                 stagger: bool | None = None) -> None:
         self.noload, self.dbg = noload, dbg
+        self.stagger = self.default_stagger if stagger is None else stagger
 
     def __call__(self, grid, args, constexprs, *, num_warps, num_stages=3):
         dbg = self.dbg if self.dbg is not None else args[0]  # never written without TRACE
         seesaw.mla_seesaw_stage1[grid](
             *args, dbg, **constexprs, NOLOAD=self.noload, TRACE=self.dbg is not None,
+            STAGGER=self.stagger,
             num_warps=seesaw.NUM_WARPS, maxnreg=seesaw.MAX_REGS)
 
 
@@ -171,7 +177,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--stagger", action="store_true",
+                        help="warpgroup 1's score product after warpgroup 0's (STAGGER; "
+                             "with --check or --trace)")
     opts = parser.parse_args()
+    if opts.stagger and not (opts.check or opts.trace):
+        parser.error("--stagger goes with --check or --trace (the timing table compares "
+                     "the committed schedules)")
+    SeesawLaunch.default_stagger = opts.stagger
     try:
         import flashinfer
         fi_version = flashinfer.__version__

@@ -54,10 +54,13 @@ an all-masked one.
 Scope: as ``mla_decode_sm90.supports``; Gluon kernels do not run under the Triton
 interpreter, so this one is checked against the float32 reference on the GPU.
 
-Two diagnostic switches (constexprs): ``NOLOAD`` masks every KV copy after the first 128
+Three switches (constexprs): ``NOLOAD`` masks every KV copy after the first 128
 positions (zero-filled tiles: the schedule's compute and synchronization alone);
 ``TRACE`` stores ``%clock64`` at 18 points of pairs 8-23 of program (0, 0, 0) into
 ``Dbg`` (``TRACE_SLOTS`` int64 per pair).
+``STAGGER`` makes warpgroup 1 start its score product only once warpgroup 0's is done
+(an mbarrier), so that the two never share the tensor cores: slower still
+(``results/bench_decode_sweep_v14.md``).
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ _PB_FREE = 3
 _Q_READY = 4
 _L0_READY = 5
 _L1_READY = 6
-_NUM_XBARS = 7
+#: warpgroup 0's score product is done (``STAGGER``: warpgroup 1 starts its own then)
+_SA_DONE = 7
+_NUM_XBARS = 8
 #: int64 slots per traced pair (``TRACE``): 0-5 warpgroup 0, 6-11 warpgroup 1, 12-17 loader
 TRACE_SLOTS = 24
 #: traced pairs: 8 .. 8 + TRACE_PAIRS - 1 (past the pipeline's start)
@@ -118,6 +123,7 @@ if HAVE_GLUON:
     _Q_READY = gl.constexpr(_Q_READY)
     _L0_READY = gl.constexpr(_L0_READY)
     _L1_READY = gl.constexpr(_L1_READY)
+    _SA_DONE = gl.constexpr(_SA_DONE)
     _NUM_XBARS = gl.constexpr(_NUM_XBARS)
     _CONSUMER_REGS = gl.constexpr(CONSUMER_REGS)
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
@@ -195,7 +201,8 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _consumer(args, WG: gl.constexpr, NUM_SPLITS: gl.constexpr, TRACE: gl.constexpr):
+    def _consumer(args, WG: gl.constexpr, NUM_SPLITS: gl.constexpr, TRACE: gl.constexpr,
+                  STAGGER: gl.constexpr):
         (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_pairs, qk_scale,
          group_size, stride_qb, stride_qh, stride_pb, stride_ph, stride_ps, stride_plb,
          stride_plh, stride_ob, stride_oh, stride_lb, stride_lh,
@@ -247,6 +254,8 @@ if HAVE_GLUON:
             ph = i & 1
             # ---- scores of this warpgroup's tile (2 i + WG), group by group as they land
             mbarrier.wait(full_bars.index(3 * WG), ph)
+            if STAGGER and WG == 1:  # not beside warpgroup 0's score product
+                mbarrier.wait(xbars.index(_SA_DONE), ph)
             _rec(Dbg, rec, i, 6 * WG, TRACE)
             fence_async_shared()
             qk = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
@@ -261,6 +270,8 @@ if HAVE_GLUON:
             _rec(Dbg, rec, i, 6 * WG + 1, TRACE)
             gl.thread_barrier()
             mbarrier.arrive(empty_bars.index(3 * WG))  # the RoPE group's last reader
+            if STAGGER and WG == 0:
+                mbarrier.arrive(xbars.index(_SA_DONE))
 
             qk = qk * qk_scale
             col_ok = lo + (2 * i + WG) * _BN + offs_ns < hi
@@ -347,19 +358,22 @@ if HAVE_GLUON:
                          + split, lse, mask=heads_l < group_size)
 
     @gluon.jit
-    def _warpgroup0(cargs, NUM_SPLITS: gl.constexpr, TRACE: gl.constexpr):
-        _consumer(cargs, 0, NUM_SPLITS, TRACE)
+    def _warpgroup0(cargs, NUM_SPLITS: gl.constexpr, TRACE: gl.constexpr,
+                    STAGGER: gl.constexpr):
+        _consumer(cargs, 0, NUM_SPLITS, TRACE, STAGGER)
 
     # the worker partitions share one signature; constexprs travel as arguments of their
     # own (inside a tuple they would become run-time values)
     @gluon.jit
     def _warpgroup1(cargs, largs, NUM_SPLITS: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                    PAGED: gl.constexpr, NOLOAD: gl.constexpr, TRACE: gl.constexpr):
-        _consumer(cargs, 1, NUM_SPLITS, TRACE)
+                    PAGED: gl.constexpr, NOLOAD: gl.constexpr, TRACE: gl.constexpr,
+                    STAGGER: gl.constexpr):
+        _consumer(cargs, 1, NUM_SPLITS, TRACE, STAGGER)
 
     @gluon.jit
     def _loader_part(cargs, largs, NUM_SPLITS: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                     PAGED: gl.constexpr, NOLOAD: gl.constexpr, TRACE: gl.constexpr):
+                     PAGED: gl.constexpr, NOLOAD: gl.constexpr, TRACE: gl.constexpr,
+                     STAGGER: gl.constexpr):
         _loader(largs, PAGE_SIZE, PAGED, NOLOAD, TRACE)
 
     @gluon.jit
@@ -373,6 +387,7 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr,
         PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQLENS: gl.constexpr,
         NOLOAD: gl.constexpr = False, TRACE: gl.constexpr = False,
+        STAGGER: gl.constexpr = False,
     ):
         gl.static_assert(HEAD_DA == _DL)
         gl.static_assert(HEAD_DT == _DR)
@@ -420,9 +435,9 @@ if HAVE_GLUON:
                  full_bars, empty_bars, xbars, Dbg, rec)
         largs = (KV, BlockTable, b, stride_btb, stride_k0, stride_k1, lo, hi, num_pairs,
                  kl_bufs, kr_bufs, kt_bufs, full_bars, empty_bars, Dbg, rec)
-        wargs = (cargs, largs, NUM_SPLITS, PAGE_SIZE, PAGED, NOLOAD, TRACE)
+        wargs = (cargs, largs, NUM_SPLITS, PAGE_SIZE, PAGED, NOLOAD, TRACE, STAGGER)
         gl.warp_specialize([
-            (_warpgroup0, (cargs, NUM_SPLITS, TRACE)),
+            (_warpgroup0, (cargs, NUM_SPLITS, TRACE, STAGGER)),
             (_warpgroup1, wargs),
             (_loader_part, wargs),
         ], [4, 4], [_CONSUMER_REGS, _LOADER_REGS])
