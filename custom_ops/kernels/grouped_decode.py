@@ -128,8 +128,8 @@ SM90_PROGRAMS_PER_SM = 1
 #: 32/8-head points: static caches 0.997-1.28x SDPA's time ratio, where the Triton stage
 #: 1 gave 0.85-1.24x (B=16 ctx 1k: 26.2 us with 3 stages and 1 split, 28.3 us with 2
 #: stages and 2 splits, 30.9 us Triton; bench_decode_sweep_v13.md); paged caches (page
-#: 16) 0.96-1.16x the best of FlashInfer and SDPA, 1.0-1.14x faster than the Triton stage
-#: 1 but at B=16 ctx 128k (1.004x slower; bench_decode_sweep_v14.md)
+#: 16) 0.959-1.22x the best of FlashInfer and SDPA, 1.003-1.15x the Triton stage 1's
+#: speed at 11 points and 0.996x at B=16 ctx 128k (bench_decode_sweep_v14.md)
 SM90_GQA_BLOCK_N = 64
 SM90_GQA_NUM_STAGES_FILLED = 3
 SM90_GQA_NUM_STAGES = 2
@@ -406,8 +406,9 @@ def sm90_gqa_smem_bytes(head_dim: int, block_n: int, num_stages: int,
     tile, ``num_stages`` K and V tiles of ``block_n`` keys (and their page ids on a paged
     cache), and P."""
     block_h = sm90_gqa.BLOCK_H
-    ids = num_stages * 4 * block_n if paged else 0
-    return 2 * (block_h * head_dim + num_stages * 2 * block_n * head_dim + block_h * block_n) + ids
+    ids = num_stages * 4 * block_n if paged else 0  # int32 page ids
+    tiles = block_h * head_dim + num_stages * 2 * block_n * head_dim + block_h * block_n
+    return 2 * tiles + ids
 
 
 def sm90_gqa_max_stages(head_dim: int, block_n: int, paged: bool = True) -> int:
