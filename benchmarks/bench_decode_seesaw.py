@@ -70,7 +70,7 @@ def sm90_noload():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return Launcher(module.mla_decode_sm90_stage1)
+    return Launcher(module.mla_decode_sm90_stage1, maxnreg=module.MAX_REGS)
 
 
 def check() -> bool:

@@ -2,15 +2,23 @@
 warpgroups out of phase (a "seesaw" schedule) and a loader partition, written in Gluon.
 ``bench_decode_seesaw.py`` checks and times it; the findings are in
 ``results/bench_decode_sweep_v12.md`` (it is correct, and 4-30% slower than the op's
-SM90 kernel on an H100).
+SM90 kernel of the time on an H100).
 
 Why try it
 ----------
-``mla_decode_sm90.py`` keeps both warpgroups in step: each computes half of every key
-tile's scores (``N = 32`` per warpgroup), they exchange the row maxima, then each
-multiplies P with half of V. Two things cap it at about 415 TFLOP/s with 128 heads: the
-score product at ``N = 32`` reads the 72 KB query tile from shared memory once per 32
-keys per warpgroup (shared-memory bound), and the tensor cores idle during every softmax.
+The op's SM90 kernel at the time (``mla_decode_sm90.py`` has since been replaced by a
+warp-specialized one: one scoring warpgroup and a streaming one, sweep v15) kept both
+warpgroups in step: each computed half of every key tile's scores (``N = 32`` per
+warpgroup), they exchanged the row maxima, then each multiplied P with half of V. Two
+things capped it at about 415 TFLOP/s with 128 heads: the score product at ``N = 32``
+read the 72 KB query tile from shared memory once per 32 keys per warpgroup
+(shared-memory bound), and the tensor cores idled during every softmax.
+
+Note (sweep v15): the worker partitions get their constexprs from a tuple held in a
+variable (``wargs``), which Triton 3.6 turns into run-time values: warpgroup 1 and the
+loader are compiled with both paged and static paths and run-time ``NOLOAD``, ``TRACE``
+and ``STAGGER`` tests (a ``TRACE=False`` build holds 12 branches on partition arguments
+and 9 ``%clock64`` reads). The timings of sweeps v12 and v14 include that cost.
 
 Here the two warpgroups work on different key tiles of a pair ``(A, B)``:
 

@@ -3,7 +3,8 @@
 GPU tests (skipped elsewhere; run on the device with ``pytest -m gpu``) compare it with a
 float64 reference on fresh random data: 16, 128 and partial 64-head tiles, ragged lengths
 with 0 and 1, poisoned page tails, page sizes 1, 16 and 64, static caches, fp16, forced
-split counts. The CPU tests cover which calls take it and the errors of forcing it.
+split counts. The CPU tests cover which calls take it and the errors of forcing it or
+its tile shape.
 """
 
 from __future__ import annotations
@@ -71,19 +72,18 @@ def test_paged_ragged_against_float64(heads, page, splits, mark):
     _check(q, kv, table, lens, **over)
 
 
-@pytest.mark.parametrize("block_n,stages", [(64, 2), (32, 3), (32, 4)])
+@pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=gpu)])
-def test_tile_shapes_and_static_cache(block_n, stages, mark):
-    torch.manual_seed(block_n + stages)
-    batch, heads, capacity = 3, 16, 513
+def test_static_cache(heads, mark):
+    torch.manual_seed(heads)
+    batch, capacity = 3, 513
     q = torch.randn(batch, heads, D, device="cuda", dtype=torch.float16)
     kv = torch.randn(batch, 1, capacity, D, device="cuda", dtype=torch.float16)
     lens = torch.tensor([513, 64, 65], device="cuda", dtype=torch.int32)
     for splits in (1, 3, 9):
-        _check(q, kv, None, lens, block_n=block_n, num_stages=stages, num_kv_splits=splits)
+        _check(q, kv, None, lens, num_kv_splits=splits)
     # no lengths: the whole static cache
-    out, lse, _ = grouped_decode_kernel(q, kv, None, scale=0.1, v_head_dim=CKV, block_n=block_n,
-                                        num_stages=stages)
+    out, lse, _ = grouped_decode_kernel(q, kv, None, scale=0.1, v_head_dim=CKV)
     ref_out, _ = reference(q.double(), kv.double(), None, None, None, None, 0.1, 0.0, -1, None,
                            None, CKV)
     torch.testing.assert_close(out.double(), ref_out, **TOL)
@@ -131,12 +131,17 @@ def test_forcing_it_where_it_cannot_run_is_an_error():
     with pytest.raises(ValueError, match="64 heads per program"):
         decode_settings(batch=1, num_kv_heads=1, group_size=16, head_dim_k=D, capacity=64,
                         device=torch.device("cpu"), sm90_eligible=True, block_h=16)
+    for over in ({"block_n": 32}, {"num_stages": 3}):
+        with pytest.raises(ValueError, match="2 tiles of 64 keys in flight"):
+            decode_settings(batch=1, num_kv_heads=1, group_size=16, head_dim_k=D, capacity=64,
+                            device=torch.device("cpu"), sm90_eligible=True, **over)
 
 
 def test_eligible_settings():
     cfg = decode_settings(batch=1, num_kv_heads=1, group_size=128, head_dim_k=D, capacity=32768,
                           device=torch.device("cpu"), sm90_eligible=True)
-    assert (cfg.kernel, cfg.block_h, cfg.num_warps) == ("sm90", 64, 8)
+    assert (cfg.kernel, cfg.block_h, cfg.block_n, cfg.num_stages, cfg.num_warps) == (
+        "sm90", 64, 64, 2, 4)
     assert cfg.num_kv_splits > 1  # 2 programs cannot fill the GPU
     cfg = decode_settings(batch=1, num_kv_heads=1, group_size=128, head_dim_k=D, capacity=32768,
                           device=torch.device("cpu"), sm90_eligible=True, kernel="triton")

@@ -82,14 +82,16 @@ def _arg_key(a: Any) -> Any:
 
 
 class Launcher:
-    """``Launcher(jit_fn)(grid, args, constexprs, num_warps=..., num_stages=...)``.
+    """``Launcher(jit_fn, **options)(grid, args, constexprs, num_warps=..., num_stages=...)``.
 
     ``args`` are the runtime arguments in signature order; ``constexprs`` the keyword
-    constexprs, which must be the kernel's trailing parameters (checked once).
+    constexprs, which must be the kernel's trailing parameters (checked once). ``options``
+    are further compile options of every launch (``maxnreg``).
     """
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, **options: Any) -> None:
         self.fn = fn
+        self.options = options
         self._cache = PlanCache()  # key -> (compiled kernel, trailing constexpr values)
         self._names: list[str] | None = list(getattr(fn, "arg_names", None) or []) or None
 
@@ -114,7 +116,7 @@ class Launcher:
                            None, None, None, *args, *tail)
                 return
         kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps,
-                               num_stages=num_stages)
+                               num_stages=num_stages, **self.options)
         if direct and kernel is not None and hasattr(kernel, "packed_metadata"):
             tail_names = self._names[len(args):]
             if sorted(tail_names) != sorted(constexprs):

@@ -113,12 +113,13 @@ MANY_SPLITS = 16
 #: SM count assumed where no GPU is present (interpreter runs); small on purpose
 INTERPRETER_SM_COUNT = 8
 #: the SM90 Gluon MLA stage 1 (``mla_decode_sm90.py``): keys per tile, tiles in flight and
-#: programs per SM the split count aims for (225 KB of shared memory: one program per SM).
-#: H100 sweep (benchmarks/results/bench_decode_sm90_sweep.md): 64/2 beat 32/3 and 32/4 at
-#: all 8 points (by 15-38%); one program per SM beat two at all 8 (MLA-128 B=64 ctx 4k:
-#: 196 us with 1 split, 288 us with 2)
-SM90_BLOCK_N = 64
-SM90_NUM_STAGES = 2
+#: programs per SM the split count aims for (222 KB of shared memory: one program per SM).
+#: H100 sweep (benchmarks/results/bench_decode_sm90_sweep.md, the kernel's earlier
+#: in-step version): 64/2 beat 32/3 and 32/4 at all 8 points (by 15-38%); one program per
+#: SM beat two at all 8 (MLA-128 B=64 ctx 4k: 196 us with 1 split, 288 us with 2). The
+#: warp-specialized kernel is built for 64/2 (two 72 KB stages next to the query tile)
+SM90_BLOCK_N = sm90.BLOCK_N
+SM90_NUM_STAGES = sm90.NUM_STAGES
 SM90_PROGRAMS_PER_SM = 1
 #: the SM90 Gluon GQA stage 1 (``gqa_decode_sm90.py``, static and paged caches): keys per
 #: tile and tiles in flight (fewer where they would not fit ``SM90_SMEM_BYTES``). Where
@@ -458,7 +459,8 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 
     A call the SM90 Gluon MLA kernel can run (``sm90_eligible``, from
     ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
-    tiles, ``SM90_BLOCK_N`` keys, 8 warps, ``SM90_NUM_STAGES`` tiles in flight, and
+    tiles, ``SM90_BLOCK_N`` keys, ``SM90_NUM_STAGES`` tiles in flight, two partitions of
+    4 warps (scorer and streamer; ``num_warps`` is the scorer's), and
     ``SM90_PROGRAMS_PER_SM`` as the split target. A call the SM90 Gluon GQA kernel can run
     (``sm90_gqa_eligible``, from ``gqa_decode_sm90.supports``; static or paged cache) runs
     that one unless ``kernel="triton"`` is forced: 64-row head tiles,
@@ -490,14 +492,17 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
     if kernel == "sm90":
         if block_h not in (None, sm90.BLOCK_H):
             raise ValueError(f"block_h: the sm90 kernel computes {sm90.BLOCK_H} heads per program")
+        if block_n not in (None, sm90.BLOCK_N) or num_stages not in (None, sm90.NUM_STAGES):
+            raise ValueError(f"block_n, num_stages: the sm90 kernel runs {sm90.NUM_STAGES} "
+                             f"tiles of {sm90.BLOCK_N} keys in flight, got {block_n}, {num_stages}")
         head_tiles = cdiv(group_size, sm90.BLOCK_H)
         if num_kv_splits is None:
             num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, head_tiles, capacity,
                                                  sm_count(device), per_sm=SM90_PROGRAMS_PER_SM)
         if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
             raise ValueError(f"num_kv_splits: expected 1..{MAX_KV_SPLITS}, got {num_kv_splits}")
-        return DecodeConfig(sm90.BLOCK_H, block_n or SM90_BLOCK_N, sm90.NUM_WARPS,
-                            num_stages or SM90_NUM_STAGES, num_kv_splits,
+        return DecodeConfig(sm90.BLOCK_H, SM90_BLOCK_N, sm90.NUM_WARPS, SM90_NUM_STAGES,
+                            num_kv_splits,
                             merge_chunk or MERGE_CHUNK, merge_width(num_kv_splits),
                             merge_warps or MERGE_WARPS, kernel="sm90")
     if kernel == "sm90_gqa":
@@ -561,7 +566,8 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 # ------------------------------------------------------------------ launcher
 _STAGE1 = Launcher(_grouped_decode_stage1)
 _STAGE2 = Launcher(_grouped_decode_stage2)
-_STAGE1_SM90 = Launcher(sm90.mla_decode_sm90_stage1) if sm90.HAVE_GLUON else None
+_STAGE1_SM90 = (Launcher(sm90.mla_decode_sm90_stage1, maxnreg=sm90.MAX_REGS)
+                if sm90.HAVE_GLUON else None)
 _STAGE1_SM90_GQA = Launcher(sm90_gqa.gqa_decode_sm90_stage1) if sm90_gqa.HAVE_GLUON else None
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Stage 1 of MLA decode on Hopper (SM90), written in Gluon: 64 query heads per program
-on warpgroup MMA, the latent tile staged once in shared memory for both products.
+on warpgroup MMA, one warpgroup computing the scores while the other streams the latent
+tiles (warp-specialized).
 
 Why a second stage-1 kernel
 ---------------------------
@@ -10,20 +11,43 @@ over the first 512 (V is K's first 512 features). The output accumulator alone i
 (``grouped_decode.py``) leaves the query tile's placement to the compiler, which keeps it
 in registers next to the accumulator: 255 registers per thread and about a third of
 FlashInfer's speed at 128 heads (``benchmarks/results/bench_decode_sweep_v6.md``).
-Here every operand's place is explicit:
+Here every operand's place is explicit: the query tile (72 KB) and two latent stages
+(144 KB) in shared memory, S and half of O in each warpgroup's registers.
 
-* shared memory: the query tile (``64 x 576``, 72 KB), ``NUM_STAGES`` latent tiles
-  (``BLOCK_N x 576`` each) filled by ``cp.async`` ahead of use, and P (``64 x BLOCK_N``);
-* registers: S (``64 x BLOCK_N`` fp32), the softmax denominators per key column (same
-  shape, summed over columns once at the end) and O (``64 x 512`` fp32). 8 warps form two
-  warpgroups; both MMA layouts put warpgroup ``w`` on columns ``[w N/2, (w+1) N/2)``,
-  so each warpgroup computes half of S's key columns and half of O's 512 features: no
-  product is computed twice.
+The roles (``gl.warp_specialize``, two partitions of 4 warps)
+-------------------------------------------------------------
+* the **scorer** (default partition) computes a tile's scores alone, ``S = Q K^T`` at
+  ``N = 64`` keys (2 KB + 2 KB of shared memory per 64 K MAC: what shared memory
+  delivers at the tensor-core rate), the online softmax with all of a row in one warp
+  (no exchange between warpgroups), writes P over the tile's RoPE columns (dead once S
+  is computed: no extra shared memory) and the rescale factors, then adds ``P V`` for
+  output columns ``[256, 512)``;
+* the **streamer** (worker partition) issues every ``cp.async`` of the latent tiles,
+  their page-table loads included, so that no copy is on the scorer's path, and adds
+  ``P V`` for output columns ``[0, 256)``.
 
-Per KV tile: wait for its copy, start the copy of tile ``j + NUM_STAGES - 1`` into the
-stage consumed one iteration ago, ``S = Q K^T`` (two wgmma: 512 + 64 features), the
-online softmax (row maxima across both warpgroups), P to shared memory, ``O = alpha O +
-P V`` (wgmma, B = the same latent tile without its last 64 features).
+An earlier version kept both warpgroups in step (each computed half of a tile's scores
+at ``N = 32``, the row maxima were exchanged through shared memory, and both issued the
+next tile's copies before the score product): it is 1.02-1.31x this kernel's time at
+the 24 MLA points of ``benchmarks/bench_decode.py`` on an H100
+(``benchmarks/results/bench_decode_sweep_v15.md``). A variant with two scoring
+warpgroups on alternate tiles is kept as an experiment in
+``benchmarks/mla_seesaw_kernel.py``.
+
+Per 64-key tile ``j`` (stage ``s = j % 2``, ``NUM_STAGES = 2`` tiles in flight):
+
+=============  ===================================  ==================================
+barrier        arrived by                           waited by
+=============  ===================================  ==================================
+full[s]        each streamer thread, when its       the scorer, before the score
+               copies of tile ``j`` land            product
+ready[s]       the scorer: P (over the RoPE         the streamer, before its ``P V``
+               columns) and the rescale factors
+empty[s]       the scorer, after its ``P V``        the streamer, before refilling
+                                                    stage ``s`` with tile ``j + 2``
+l_ready        the scorer: the final maxima and     the streamer, for its epilogue
+               denominators
+=============  ===================================  ==================================
 
 It writes exactly what the Triton stage 1 writes (normalized partial output and natural
 log-sum-exp per split, or the final output with one split), with the same split bounds
@@ -32,16 +56,12 @@ invariants of ``grouped_decode.py`` hold: every copy is masked (a masked ``cp.as
 writes zeros, so page tails are never read), an empty split writes ``(0, -inf)``, a
 sequence of length 0 gives output 0 and LSE -inf.
 
-A variant with the two warpgroups on different key tiles (warp-specialized, a loader
-partition, mbarriers) is kept as an experiment in ``benchmarks/mla_seesaw_kernel.py``:
-correct, and 1.07-1.24x slower at 128 heads (``benchmarks/results/bench_decode_sweep_v12.md``).
-
 Scope: bf16 or fp16 query and cache, one latent head (``Hkv = 1``), 512 + 64 features,
 paged (any page size) or static cache, optional per-sequence lengths, batch up to
 ``MAX_BATCH``; no mask, softcap, window or fp8 scales (``supports`` says which calls
 qualify). Gluon kernels do not run under the Triton interpreter: on CPU the Triton
-kernel is what is tested; this one is checked against the float32 reference on the GPU
-(``benchmarks/bench_decode.py --check``, ``tests/test_grouped_decode_sm90.py``).
+kernel is what is tested; this one is checked against the float64 reference on the GPU
+(``tests/test_grouped_decode_sm90.py``, ``benchmarks/bench_decode.py --check``).
 """
 
 from __future__ import annotations
@@ -51,11 +71,11 @@ import torch
 from .._dispatch import cuda_major
 from ._gluon_sm90 import (
     HAVE_GLUON,
+    LN2,
     LOG2E,
     aligned,
     async_copy,
     fence_async_shared,
-    finish_split,
     gl,
     gluon,
     split_range,
@@ -63,17 +83,45 @@ from ._gluon_sm90 import (
     warpgroup_mma_wait,
 )
 
-#: query heads per program: one wgmma M tile per warpgroup pair (fewer heads are padded)
+if HAVE_GLUON:
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+#: query heads per program: one wgmma M tile (fewer heads are padded)
 BLOCK_H = 64
 #: latent features multiplied with V (the rest is the RoPE part)
 LATENT_DIM = 512
 ROPE_DIM = 64
-NUM_WARPS = 8
 #: the batch is the grid's second dimension (head tiles vary fastest), which CUDA caps
 MAX_BATCH = 65535
+#: keys per tile and tiles in flight (two 72 KB stages next to the 72 KB query tile)
+BLOCK_N = 64
+NUM_STAGES = 2
+#: warps of the default partition (the scorer); the streamer adds 4
+NUM_WARPS = 4
+#: registers per thread of both partitions (256 threads x 240 fit the 64K register file)
+MAX_REGS = 240
+HALF = LATENT_DIM // 2
+
+# mbarrier indices
+_FULL = 0  # + stage
+_READY = 2  # + stage
+_EMPTY = 4  # + stage
+_L_READY = 6
+_NUM_BARS = 7
 
 
 if HAVE_GLUON:
+    _BH = gl.constexpr(BLOCK_H)
+    _BN = gl.constexpr(BLOCK_N)
+    _DL = gl.constexpr(LATENT_DIM)
+    _DR = gl.constexpr(ROPE_DIM)
+    _HALF = gl.constexpr(HALF)
+    _FULL = gl.constexpr(_FULL)
+    _READY = gl.constexpr(_READY)
+    _EMPTY = gl.constexpr(_EMPTY)
+    _L_READY = gl.constexpr(_L_READY)
+    _NUM_BARS = gl.constexpr(_NUM_BARS)
+    _MAX_REGS = gl.constexpr(MAX_REGS)
 
     @gluon.jit
     def _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1, start, hi,
@@ -92,15 +140,188 @@ if HAVE_GLUON:
         return rows, ok
 
     @gluon.jit
-    def _issue_tile(KV, rows, ok, k_smem, kt_smem,
-                    HEAD_DA: gl.constexpr, HEAD_DT: gl.constexpr, layout: gl.constexpr):
-        """Start the copies of one latent tile (masked rows are written as zeros)."""
-        offs_a = gl.arange(0, HEAD_DA, layout=gl.SliceLayout(0, layout))
-        offs_t = gl.arange(0, HEAD_DT, layout=gl.SliceLayout(0, layout))
-        async_copy.async_copy_global_to_shared(
-            k_smem, KV + rows[:, None] + offs_a[None, :], mask=ok[:, None])
-        async_copy.async_copy_global_to_shared(
-            kt_smem, KV + rows[:, None] + HEAD_DA + offs_t[None, :], mask=ok[:, None])
+    def _issue(KV, rows, ok, kl_smem, kr_smem, kt_smem, full_bar, layout: gl.constexpr):
+        """Start the copies of one latent tile (masked rows become zeros); each thread
+        arrives on ``full_bar`` once its own copies land."""
+        offs_h = gl.arange(0, _HALF, layout=gl.SliceLayout(0, layout))
+        offs_t = gl.arange(0, _DR, layout=gl.SliceLayout(0, layout))
+        base = KV + rows[:, None]
+        async_copy.async_copy_global_to_shared(kt_smem, base + _DL + offs_t[None, :],
+                                               mask=ok[:, None])
+        async_copy.async_copy_global_to_shared(kl_smem, base + offs_h[None, :], mask=ok[:, None])
+        async_copy.async_copy_global_to_shared(kr_smem, base + _HALF + offs_h[None, :],
+                                               mask=ok[:, None])
+        async_copy.mbarrier_arrive(full_bar, increment_count=False)
+
+    @gluon.jit
+    def _finish_half(acc, m_i, l_i, col0, b, tile, split, group_size, Out, Lse, PartialOut,
+                     PartialLse, stride_ob, stride_oh, stride_lb, stride_lh, stride_pb,
+                     stride_ph, stride_ps, stride_plb, stride_plh, NUM_SPLITS: gl.constexpr,
+                     WRITE_LSE: gl.constexpr, o_layout: gl.constexpr):
+        """Write output columns ``col0 + [0, 256)`` of this split (normalized by ``l_i``, 0
+        where a row saw no key) and, with ``WRITE_LSE``, the natural-log LSE (-inf where
+        no key), as ``_gluon_sm90.finish_split`` does for a whole row."""
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        has_mass = l_i > 0.0
+        inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
+        out = acc * inv[:, None]
+        hg = gl.arange(0, _BH, layout=row_o)
+        heads = tile * _BH + hg
+        head_ok = hg < group_size - tile * _BH
+        offs_d = col0 + gl.arange(0, _HALF, layout=gl.SliceLayout(0, o_layout))
+        if NUM_SPLITS == 1:
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads[:, None] * stride_oh
+                      + offs_d[None, :])
+            gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=head_ok[:, None])
+        else:
+            p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads[:, None] * stride_ph
+                      + split * stride_ps + offs_d[None, :])
+            gl.store(p_ptrs, out, mask=head_ok[:, None])
+        if WRITE_LSE:
+            lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * LN2,
+                           float("-inf"))
+            if NUM_SPLITS == 1:
+                gl.store(Lse + b.to(gl.int64) * stride_lb + heads * stride_lh, lse,
+                         mask=head_ok)
+            else:
+                gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads * stride_plh + split,
+                         lse, mask=head_ok)
+
+    @gluon.jit
+    def _streamer(args, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
+                  NUM_SPLITS: gl.constexpr):
+        (KV, BlockTable, b, tile, split, lo, hi, num_tiles, group_size, stride_btb,
+         stride_k0, stride_k1, Out, PartialOut, stride_ob, stride_oh, stride_pb, stride_ph,
+         stride_ps, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, bars) = args
+        ld: gl.constexpr = gl.BlockedLayout(
+            size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _HALF, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        for t in gl.static_range(2):
+            if t < num_tiles:
+                rows, ok = _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1,
+                                      lo + t * _BN, hi, _BN, PAGE_SIZE, PAGED, ld)
+                _issue(KV, rows, ok, kl_bufs.index(t), kr_bufs.index(t), kt_bufs.index(t),
+                       bars.index(_FULL + t), ld)
+
+        acc = gl.zeros([_BH, _HALF], gl.float32, layout=o_layout)
+        for j in range(num_tiles):
+            s = j % 2
+            ph = (j // 2) & 1
+            # the page ids of tile j + 2 now: their latency passes under the waits below
+            rows, ok = _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1,
+                                  lo + (j + 2) * _BN, hi, _BN, PAGE_SIZE, PAGED, ld)
+            mbarrier.wait(bars.index(_READY + s), ph)
+            alpha = a_bufs.index(s).load(row_o)
+            acc = acc * alpha[:, None]
+            # P was written over the tile's RoPE columns
+            acc = warpgroup_mma(kt_bufs.index(s), kl_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if j + 2 < num_tiles:
+                mbarrier.wait(bars.index(_EMPTY + s), ph)  # the scorer's P V is done too
+                _issue(KV, rows, ok, kl_bufs.index(s), kr_bufs.index(s), kt_bufs.index(s),
+                       bars.index(_FULL + s), ld)
+
+        mbarrier.wait(bars.index(_L_READY), 0)
+        l_i = l_buf.load(row_o)
+        _finish_half(acc, l_i, l_i, 0, b, tile, split, group_size, Out, Out, PartialOut,
+                     PartialOut, stride_ob, stride_oh, 0, 0, stride_pb, stride_ph, stride_ps,
+                     0, 0, NUM_SPLITS, False, o_layout)
+
+    @gluon.jit
+    def _scorer(args, NUM_SPLITS: gl.constexpr):
+        (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_tiles, qk_scale,
+         group_size, stride_qb, stride_qh, stride_ob, stride_oh, stride_lb, stride_lh,
+         stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+         ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, m_buf, bars) = args
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _HALF, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        ld: gl.constexpr = gl.BlockedLayout(
+            size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+
+        # ---- the query tile, once, into shared memory
+        offs_h = gl.arange(0, _BH, layout=gl.SliceLayout(1, ld))
+        head_ok = (tile * _BH + offs_h < group_size)[:, None]
+        q_rows = (Q + b.to(gl.int64) * stride_qb
+                  + (tile * _BH + offs_h).to(gl.int64)[:, None] * stride_qh)
+        offs_a = gl.arange(0, _HALF, layout=gl.SliceLayout(0, ld))
+        offs_t = gl.arange(0, _DR, layout=gl.SliceLayout(0, ld))
+        async_copy.async_copy_global_to_shared(ql_smem, q_rows + offs_a[None, :], mask=head_ok)
+        async_copy.async_copy_global_to_shared(qr_smem, q_rows + _HALF + offs_a[None, :],
+                                               mask=head_ok)
+        async_copy.async_copy_global_to_shared(qt_smem, q_rows + _DL + offs_t[None, :],
+                                               mask=head_ok)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+
+        m_i = gl.full([_BH], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([_BH], gl.float32, layout=row_s)
+        acc = gl.zeros([_BH, _HALF], gl.float32, layout=o_layout)
+        offs_ns = gl.arange(0, _BN, layout=gl.SliceLayout(0, s_layout))
+        for j in range(num_tiles):
+            s = j % 2
+            ph = (j // 2) & 1
+            kl = kl_bufs.index(s)
+            kr = kr_bufs.index(s)
+            kt = kt_bufs.index(s)
+            mbarrier.wait(bars.index(_FULL + s), ph)
+            fence_async_shared()
+            qk = gl.zeros([_BH, _BN], gl.float32, layout=s_layout)
+            qk = warpgroup_mma(qt_smem, kt.permute((1, 0)), qk, use_acc=False, is_async=True)
+            qk = warpgroup_mma(ql_smem, kl.permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+
+            qk = qk * qk_scale
+            col_ok = lo + j * _BN + offs_ns < hi
+            qk = gl.where(col_ok[None, :], qk, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(qk, 1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(qk - m_safe[:, None])
+            alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+
+            # P over the RoPE columns (read by this product only) and the factors, for both
+            kt.store(p.to(kt.dtype))
+            a_bufs.index(s).store(alpha)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(bars.index(_READY + s))
+            acc = acc * a_bufs.index(s).load(row_o)[:, None]
+            acc = warpgroup_mma(kt, kr, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            gl.thread_barrier()
+            mbarrier.arrive(bars.index(_EMPTY + s))
+
+        l_buf.store(l_i)
+        m_buf.store(m_i)
+        gl.thread_barrier()
+        mbarrier.arrive(bars.index(_L_READY))
+        _finish_half(acc, m_buf.load(row_o), l_buf.load(row_o), _HALF, b, tile, split,
+                     group_size, Out, Lse, PartialOut, PartialLse, stride_ob, stride_oh,
+                     stride_lb, stride_lh, stride_pb, stride_ph, stride_ps, stride_plb,
+                     stride_plh, NUM_SPLITS, True, o_layout)
+
+    # constexprs travel as arguments of their own (inside a tuple they would become
+    # run-time values); both partitions take the same arguments
+    @gluon.jit
+    def _scorer_part(sargs, targs, NUM_SPLITS: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                     PAGED: gl.constexpr):
+        _scorer(sargs, NUM_SPLITS)
+
+    @gluon.jit
+    def _streamer_part(sargs, targs, NUM_SPLITS: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                       PAGED: gl.constexpr):
+        _streamer(targs, PAGE_SIZE, PAGED, NUM_SPLITS)
 
     @gluon.jit
     def mla_decode_sm90_stage1(
@@ -113,8 +334,11 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_SPLITS: gl.constexpr,
         PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, HAS_SEQLENS: gl.constexpr,
     ):
-        gl.static_assert(BLOCK_H == 64)
-        gl.static_assert(NUM_STAGES >= 2)
+        gl.static_assert(HEAD_DA == _DL)
+        gl.static_assert(HEAD_DT == _DR)
+        gl.static_assert(BLOCK_H == _BH)
+        gl.static_assert(BLOCK_N == _BN)
+        gl.static_assert(NUM_STAGES == 2)
         # head tiles vary fastest: the tiles of one sequence split run side by side and
         # share their latent reads through L2 even when the grid takes several waves
         tile = gl.program_id(0)
@@ -122,99 +346,45 @@ if HAVE_GLUON:
         split = gl.program_id(2)
         dtype: gl.constexpr = Q.dtype.element_ty
 
-        # ---- layouts: two warpgroups side by side along N in both products
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, HEAD_DA // 2, 16])
-        ld_layout: gl.constexpr = gl.BlockedLayout(
-            size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[8, 1], order=[1, 0])
-        wide_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
-                                                     rank=2)
-        p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], dtype)
+        wide_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128,
+                                                     element_bitwidth=16, rank=2)
+        vec_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                       order=[0])
+        ql_smem = gl.allocate_shared_memory(dtype, [_BH, _HALF], wide_sl)
+        qr_smem = gl.allocate_shared_memory(dtype, [_BH, _HALF], wide_sl)
+        qt_smem = gl.allocate_shared_memory(dtype, [_BH, _DR], wide_sl)
+        kl_bufs = gl.allocate_shared_memory(dtype, [2, _BN, _HALF], wide_sl)
+        kr_bufs = gl.allocate_shared_memory(dtype, [2, _BN, _HALF], wide_sl)
+        kt_bufs = gl.allocate_shared_memory(dtype, [2, _BN, _DR], wide_sl)
+        a_bufs = gl.allocate_shared_memory(gl.float32, [2, _BH], vec_sl)
+        l_buf = gl.allocate_shared_memory(gl.float32, [_BH], vec_sl)
+        m_buf = gl.allocate_shared_memory(gl.float32, [_BH], vec_sl)
+        bars = gl.allocate_shared_memory(gl.int64, [_NUM_BARS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            # every streamer thread arrives once its own copies of a tile land
+            mbarrier.init(bars.index(_FULL + i), count=4 * 32)
+            mbarrier.init(bars.index(_READY + i), count=1)
+            mbarrier.init(bars.index(_EMPTY + i), count=1)
+        mbarrier.init(bars.index(_L_READY), count=1)
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, HEAD_DA], wide_sl)
-        qt_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, HEAD_DT], wide_sl)
-        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DA], wide_sl)
-        kt_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DT], wide_sl)
-        p_smem = gl.allocate_shared_memory(dtype, [BLOCK_H, BLOCK_N], p_sl)
-
-        lo, hi, num_tiles = split_range(SeqLens, b, split, max_positions, NUM_SPLITS, BLOCK_N,
+        lo, hi, num_tiles = split_range(SeqLens, b, split, max_positions, NUM_SPLITS, _BN,
                                         HAS_SEQLENS)
-
-        # ---- the query tile, once, into shared memory
-        offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_layout))
-        head_ok = tile * BLOCK_H + offs_h < group_size
-        q_rows = Q + b.to(gl.int64) * stride_qb + (tile * BLOCK_H + offs_h)[:, None] * stride_qh
-        offs_a = gl.arange(0, HEAD_DA, layout=gl.SliceLayout(0, ld_layout))
-        offs_t = gl.arange(0, HEAD_DT, layout=gl.SliceLayout(0, ld_layout))
-        async_copy.async_copy_global_to_shared(q_smem, q_rows + offs_a[None, :],
-                                               mask=head_ok[:, None])
-        async_copy.async_copy_global_to_shared(qt_smem, q_rows + HEAD_DA + offs_t[None, :],
-                                               mask=head_ok[:, None])
-        async_copy.commit_group()
-
-        # ---- prologue: the first NUM_STAGES - 1 tiles in flight
-        for s in gl.static_range(NUM_STAGES - 1):
-            rows, ok = _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1,
-                                  lo + s * BLOCK_N, hi, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
-            _issue_tile(KV, rows, ok, k_bufs.index(s), kt_bufs.index(s), HEAD_DA, HEAD_DT,
-                        ld_layout)
-            async_copy.commit_group()
-
         qk_scale = sm_scale * LOG2E  # logits in base 2
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        # the softmax denominators stay per (row, key column) until the end: one reduction
-        # across the warpgroups per tile (the maxima) instead of two (H100 A/B, 8 points:
-        # 0-4% faster at 128 heads, equal at 16; 217 instead of 246 registers)
-        l2d = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
-        acc = gl.zeros([BLOCK_H, HEAD_DA], gl.float32, layout=o_layout)
-        offs_ns = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
 
-        for j in range(num_tiles):
-            # tile j has landed (this thread's copies; the barrier makes it everyone's and
-            # also means every warp finished iteration j - 1, whose stage is reused below)
-            async_copy.wait_group(NUM_STAGES - 2)
-            fence_async_shared()
-            gl.thread_barrier()
-            nxt = j + NUM_STAGES - 1
-            rows, ok = _tile_rows(BlockTable, b, stride_btb, stride_k0, stride_k1,
-                                  lo + nxt * BLOCK_N, hi, BLOCK_N, PAGE_SIZE, PAGED, ld_layout)
-            _issue_tile(KV, rows, ok, k_bufs.index(nxt % NUM_STAGES),
-                        kt_bufs.index(nxt % NUM_STAGES), HEAD_DA, HEAD_DT, ld_layout)
-            async_copy.commit_group()
-
-            k_smem = k_bufs.index(j % NUM_STAGES)
-            kt_smem = kt_bufs.index(j % NUM_STAGES)
-            qk = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=s_layout)
-            qk = warpgroup_mma(q_smem, k_smem.permute((1, 0)), qk, use_acc=False, is_async=True)
-            qk = warpgroup_mma(qt_smem, kt_smem.permute((1, 0)), qk, is_async=True)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-
-            qk = qk * qk_scale
-            col_ok = lo + j * BLOCK_N + offs_ns < hi
-            qk = gl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk - m_safe[:, None])
-            alpha = gl.exp2(m_i - m_safe)
-            l2d = l2d * alpha[:, None] + p
-            m_i = m_new
-
-            p_smem.store(p.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            acc = warpgroup_mma(p_smem, k_smem, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-
-        async_copy.wait_group(0)
-
-        l_i = gl.sum(l2d, 1)
-        finish_split(acc, m_i, l_i, tile * BLOCK_H, group_size - tile * BLOCK_H, b, split,
-                     Out, Lse, PartialOut, PartialLse, stride_ob, stride_oh, stride_lb,
-                     stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
-                     BLOCK_H, HEAD_DA, NUM_SPLITS, o_layout, s_layout)
+        sargs = (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_tiles,
+                 qk_scale, group_size, stride_qb, stride_qh, stride_ob, stride_oh, stride_lb,
+                 stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
+                 ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, m_buf,
+                 bars)
+        targs = (KV, BlockTable, b, tile, split, lo, hi, num_tiles, group_size, stride_btb,
+                 stride_k0, stride_k1, Out, PartialOut, stride_ob, stride_oh, stride_pb,
+                 stride_ph, stride_ps, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, bars)
+        # (the argument tuples are written here, not assigned to a name first: a tuple
+        # held in a variable turns its constexprs into run-time values in Triton 3.6)
+        gl.warp_specialize([
+            (_scorer_part, (sargs, targs, NUM_SPLITS, PAGE_SIZE, PAGED)),
+            (_streamer_part, (sargs, targs, NUM_SPLITS, PAGE_SIZE, PAGED)),
+        ], [4], [_MAX_REGS])
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache, block_table, mask,
