@@ -1,6 +1,6 @@
 """What the SM90 Gluon stage-1 kernels (``mla_decode_sm90.py``, ``gqa_decode_sm90.py``)
-share: the Gluon imports, the split bounds, the epilogue that writes a split, and the
-alignment check of their 16-byte copies.
+share: the Gluon imports, the split bounds, the online softmax step, the epilogue that
+writes a split, and the alignment check of their 16-byte copies.
 
 Both kernels write exactly what the Triton stage 1 of ``grouped_decode.py`` writes, so
 the Triton stage 2 merges their splits: the split bounds are ``_split_bounds``'s rounded
@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 __all__ = ["HAVE_GLUON", "LN2", "LOG2E", "aligned", "async_copy", "fence_async_shared",
-           "finish_split", "gl", "gluon", "split_range", "warpgroup_mma", "warpgroup_mma_wait"]
+           "finish_split", "gl", "gluon", "softmax_step", "split_range", "warpgroup_mma",
+           "warpgroup_mma_wait"]
 
 
 def aligned(t: torch.Tensor, strides: tuple[int, ...]) -> bool:
@@ -60,18 +61,36 @@ if HAVE_GLUON:
         return lo, hi, num_tiles
 
     @gluon.jit
+    def softmax_step(qk, m_i, l_i, col_ok, qk_scale):
+        """One tile of the online softmax in base 2: scores ``qk`` (rows x keys) scaled by
+        ``qk_scale`` (``sm_scale * log2(e)``), keys where ``col_ok`` is false masked out.
+        Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalized probabilities, the
+        factor that rescales the running output, the running maxima and denominators. A
+        row with no key so far keeps maximum -inf and gives ``p = alpha = 0``, never NaN."""
+        qk = qk * qk_scale
+        qk = gl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
     def finish_split(acc, m_i, l_i, head0, n_heads, b, split,
                      Out, Lse, PartialOut, PartialLse,
                      stride_ob, stride_oh, stride_lb, stride_lh,
                      stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
                      BLOCK_H: gl.constexpr, HEAD_D: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                     o_layout: gl.constexpr, s_layout: gl.constexpr):
+                     o_layout: gl.constexpr, s_layout: gl.constexpr,
+                     WRITE_LSE: gl.constexpr = True):
         """Write one split of heads ``head0 + [0, n_heads)``: the output normalized by the
         denominators ``l_i`` (0 where a row saw no key) and the natural-log LSE from the
         base-2 running maxima ``m_i`` (-inf where no key), into ``Out``/``Lse`` with one
         split, else into the fp32 partials of split ``split`` for stage 2.
         ``acc`` has ``o_layout`` (``BLOCK_H x HEAD_D``); ``m_i``, ``l_i`` its rows of
-        ``s_layout``."""
+        ``s_layout``. A program whose partitions write column ranges of a row passes
+        ``Out``/``PartialOut`` advanced to its first column, and ``WRITE_LSE=False`` in all
+        partitions but one."""
         has_mass = l_i > 0.0
         inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
         out = acc * gl.convert_layout(inv, gl.SliceLayout(1, o_layout))[:, None]
@@ -88,10 +107,12 @@ if HAVE_GLUON:
             o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads_o[:, None] * stride_oh
                       + offs_d[None, :])
             gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=ok_o)
-            gl.store(Lse + b.to(gl.int64) * stride_lb + heads_l * stride_lh, lse, mask=ok_l)
+            if WRITE_LSE:
+                gl.store(Lse + b.to(gl.int64) * stride_lb + heads_l * stride_lh, lse, mask=ok_l)
         else:
             p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads_o[:, None] * stride_ph
                       + split * stride_ps + offs_d[None, :])
             gl.store(p_ptrs, out, mask=ok_o)
-            gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh + split,
-                     lse, mask=ok_l)
+            if WRITE_LSE:
+                gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads_l * stride_plh
+                         + split, lse, mask=ok_l)

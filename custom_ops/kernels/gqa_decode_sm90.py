@@ -57,6 +57,7 @@ from ._gluon_sm90 import (
     finish_split,
     gl,
     gluon,
+    softmax_step,
     split_range,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -234,15 +235,8 @@ if HAVE_GLUON:
             qk = warpgroup_mma(q_smem, k_smem.permute((1, 0)), qk, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
 
-            qk = qk * qk_scale
-            col_ok = lo + j * BLOCK_N + offs_ns < hi
-            qk = gl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk - m_safe[:, None])
-            alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i, lo + j * BLOCK_N + offs_ns < hi,
+                                              qk_scale)
 
             p_smem.store(p.to(dtype))
             fence_async_shared()

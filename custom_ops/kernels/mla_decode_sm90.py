@@ -71,13 +71,14 @@ import torch
 from .._dispatch import cuda_major
 from ._gluon_sm90 import (
     HAVE_GLUON,
-    LN2,
     LOG2E,
     aligned,
     async_copy,
     fence_async_shared,
+    finish_split,
     gl,
     gluon,
+    softmax_step,
     split_range,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -154,40 +155,6 @@ if HAVE_GLUON:
         async_copy.mbarrier_arrive(full_bar, increment_count=False)
 
     @gluon.jit
-    def _finish_half(acc, m_i, l_i, col0, b, tile, split, group_size, Out, Lse, PartialOut,
-                     PartialLse, stride_ob, stride_oh, stride_lb, stride_lh, stride_pb,
-                     stride_ph, stride_ps, stride_plb, stride_plh, NUM_SPLITS: gl.constexpr,
-                     WRITE_LSE: gl.constexpr, o_layout: gl.constexpr):
-        """Write output columns ``col0 + [0, 256)`` of this split (normalized by ``l_i``, 0
-        where a row saw no key) and, with ``WRITE_LSE``, the natural-log LSE (-inf where
-        no key), as ``_gluon_sm90.finish_split`` does for a whole row."""
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        has_mass = l_i > 0.0
-        inv = gl.where(has_mass, 1.0 / gl.where(has_mass, l_i, 1.0), 0.0)
-        out = acc * inv[:, None]
-        hg = gl.arange(0, _BH, layout=row_o)
-        heads = tile * _BH + hg
-        head_ok = hg < group_size - tile * _BH
-        offs_d = col0 + gl.arange(0, _HALF, layout=gl.SliceLayout(0, o_layout))
-        if NUM_SPLITS == 1:
-            o_ptrs = (Out + b.to(gl.int64) * stride_ob + heads[:, None] * stride_oh
-                      + offs_d[None, :])
-            gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=head_ok[:, None])
-        else:
-            p_ptrs = (PartialOut + b.to(gl.int64) * stride_pb + heads[:, None] * stride_ph
-                      + split * stride_ps + offs_d[None, :])
-            gl.store(p_ptrs, out, mask=head_ok[:, None])
-        if WRITE_LSE:
-            lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * LN2,
-                           float("-inf"))
-            if NUM_SPLITS == 1:
-                gl.store(Lse + b.to(gl.int64) * stride_lb + heads * stride_lh, lse,
-                         mask=head_ok)
-            else:
-                gl.store(PartialLse + b.to(gl.int64) * stride_plb + heads * stride_plh + split,
-                         lse, mask=head_ok)
-
-    @gluon.jit
     def _streamer(args, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr,
                   NUM_SPLITS: gl.constexpr):
         (KV, BlockTable, b, tile, split, lo, hi, num_tiles, group_size, stride_btb,
@@ -226,9 +193,10 @@ if HAVE_GLUON:
 
         mbarrier.wait(bars.index(_L_READY), 0)
         l_i = l_buf.load(row_o)
-        _finish_half(acc, l_i, l_i, 0, b, tile, split, group_size, Out, Out, PartialOut,
-                     PartialOut, stride_ob, stride_oh, 0, 0, stride_pb, stride_ph, stride_ps,
-                     0, 0, NUM_SPLITS, False, o_layout)
+        finish_split(acc, l_i, l_i, tile * _BH, group_size - tile * _BH, b, split, Out, Out,
+                     PartialOut, PartialOut, stride_ob, stride_oh, 0, 0, stride_pb, stride_ph,
+                     stride_ps, 0, 0, _BH, _HALF, NUM_SPLITS, o_layout, o_layout,
+                     WRITE_LSE=False)
 
     @gluon.jit
     def _scorer(args, NUM_SPLITS: gl.constexpr):
@@ -280,15 +248,8 @@ if HAVE_GLUON:
             qk = warpgroup_mma(qr_smem, kr.permute((1, 0)), qk, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
 
-            qk = qk * qk_scale
-            col_ok = lo + j * _BN + offs_ns < hi
-            qk = gl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(qk - m_safe[:, None])
-            alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i, lo + j * _BN + offs_ns < hi,
+                                              qk_scale)
 
             # P over the RoPE columns (read by this product only) and the factors, for both
             kt.store(p.to(kt.dtype))
@@ -306,10 +267,12 @@ if HAVE_GLUON:
         m_buf.store(m_i)
         gl.thread_barrier()
         mbarrier.arrive(bars.index(_L_READY))
-        _finish_half(acc, m_buf.load(row_o), l_buf.load(row_o), _HALF, b, tile, split,
-                     group_size, Out, Lse, PartialOut, PartialLse, stride_ob, stride_oh,
-                     stride_lb, stride_lh, stride_pb, stride_ph, stride_ps, stride_plb,
-                     stride_plh, NUM_SPLITS, True, o_layout)
+        # (maxima and denominators read back in the output's row layout, as the streamer's)
+        finish_split(acc, m_buf.load(row_o), l_buf.load(row_o), tile * _BH,
+                     group_size - tile * _BH, b, split, Out + _HALF, Lse, PartialOut + _HALF,
+                     PartialLse, stride_ob, stride_oh, stride_lb, stride_lh, stride_pb,
+                     stride_ph, stride_ps, stride_plb, stride_plh, _BH, _HALF, NUM_SPLITS,
+                     o_layout, o_layout)
 
     # constexprs travel as arguments of their own (inside a tuple they would become
     # run-time values); both partitions take the same arguments
