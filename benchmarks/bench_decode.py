@@ -26,13 +26,18 @@ GB/s below is that count over the measured time; the floor is the measured copy
 bandwidth. MLA FLOPs: ``2 * B * H * ctx * (576 + 512)``.
 
 Timings: CUDA-graph replays where a call takes under ``GRAPH_BELOW_US`` (launch-bound),
-``triton.testing.do_bench`` medians otherwise; random data, never zeros.
+``triton.testing.do_bench`` medians otherwise; random data, never zeros. In the MLA rows
+the implementations are timed in ``MLA_ROUNDS`` interleaved rounds (fresh random order
+each) and the median is kept: at 128 heads they run compute-bound for up to tens of ms,
+and one-after-another timings drifted by up to 12% between identical calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import random
+import statistics
 import sys
 import traceback
 
@@ -63,6 +68,8 @@ MLA_HEADS = (16, 128)
 MLA_CKV, MLA_KPE, MLA_PAGE = 512, 64, 64
 MLA_BATCHES = (1, 16, 64, 128)
 MLA_CONTEXTS = (4096, 32768, 131072)
+#: MLA rows time ours, ours with one split, FlashInfer and the Triton stage 1 interleaved
+MLA_ROUNDS = 3
 #: DeepSeek's softmax scale: qk head dim 192 (128 nope + 64 rope)
 MLA_SCALE = 192 ** -0.5
 
@@ -433,6 +440,26 @@ def _try(fn_factory, label):
         return None
 
 
+def _interleaved(factories, rounds=MLA_ROUNDS):
+    """Median times of several implementations of one point, measured in ``rounds``
+    rounds, each in a fresh random order, so that slow drifts of the clock (a long
+    compute-bound run heats the GPU) fall on all of them alike; ``None`` where one
+    fails."""
+    fns, times = {}, {}
+    for key, (factory, label) in factories.items():
+        try:
+            fns[key] = factory()
+            fns[key]()
+            times[key] = []
+        except Exception as exc:
+            print(f"  {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    order = random.Random(0)
+    for _ in range(rounds):
+        for key in order.sample(list(fns), len(fns)):
+            times[key].append(timed(fns[key]))
+    return {key: statistics.median(times[key]) if key in times else None for key in factories}
+
+
 def table_gqa(copy_gbps, rows):
     for batch in GQA_BATCHES:
         for ctx in GQA_CONTEXTS:
@@ -495,15 +522,21 @@ def table_mla(copy_gbps, rows):
                 kv, table, lens = paged_mla(batch, ctx)
                 fn = ours_mla(q, kv, table, lens)
                 row["splits"] = fn()[2].num_kv_splits
-                row["ours_us"] = timed(fn)
-                row["ours_1split_us"] = _try(lambda: ours_mla(q, kv, table, lens, num_kv_splits=1),
-                                             "ours 1 split")
                 row["kernel"] = fn()[2].kernel
+                factories = {
+                    "ours_us": (lambda: fn, "ours"),
+                    "ours_1split_us": (lambda: ours_mla(q, kv, table, lens, num_kv_splits=1),
+                                       "ours 1 split"),
+                    "flashinfer_us": (lambda: flashinfer_mla(q, kv, table, lens, heads),
+                                      "flashinfer mla"),
+                }
                 if row["kernel"] != "triton":
-                    row["ours_triton_us"] = _try(
+                    factories["ours_triton_us"] = (
                         lambda: ours_mla(q, kv, table, lens, kernel="triton"), "ours triton")
-                row["flashinfer_us"] = _try(lambda: flashinfer_mla(q, kv, table, lens, heads),
-                                            "flashinfer mla")
+                row.update(_interleaved(factories))
+                if row["ours_us"] is None:
+                    raise RuntimeError(f"grouped_decode failed at MLA {heads} heads, B={batch}, "
+                                       f"ctx={ctx}")
                 flops = 2 * batch * heads * ctx * (MLA_CKV + MLA_KPE + MLA_CKV)
                 row["ours_TFLOP/s"] = flops / row["ours_us"] / 1e6
                 del kv, table, fn

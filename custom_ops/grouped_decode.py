@@ -228,7 +228,7 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
     CPU tensors run the plain-torch reference (the Triton kernel under the interpreter
     inside ``kernel_on_cpu()``); CUDA tensors run the split-KV kernel, whose stage 1 is the
     Triton kernel or, on SM90, a Gluon kernel: ``kernels/mla_decode_sm90.py`` for MLA calls
-    (1.02-2.84x the Triton stage 1 on H100, ``benchmarks/results/bench_decode.md``) and
+    (1.02-2.82x the Triton stage 1 on H100, ``benchmarks/results/bench_decode.md``) and
     ``kernels/gqa_decode_sm90.py`` for GQA calls on static and paged caches (static:
     0.995-1.27x SDPA at the 12 GQA points, where the Triton stage 1 gave 0.85-1.24x).
     ``kernels.grouped_decode.decode_settings`` decides.
@@ -239,11 +239,12 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
       calls and pinned-memory copies), which cannot run inside a CUDA-graph capture and
       would synchronize every call of a compiled graph;
     * where a plan could be hoisted, ``benchmarks/results/bench_decode.md`` shows no GQA
-      point where it is faster than this kernel by more than noise (at most 1.003x),
-      while for MLA (SM90 stage 1) it is faster at 128 heads at 5 of the 9 points with
-      batch >= 16 (1.03-1.10x: batch 16 at 4k and 32k, batch 64 at 4k, batch 128) and ties
-      at 16 heads, context 4k, batch 16-64 (1.005x). Those are the shapes an engine that
-      plans once per step outside the graph could route to
+      point where it is faster than this kernel by more than noise (at most 1.002x), and
+      for MLA (SM90 stage 1) two points where it is: 128 heads at batch 16, context 4k
+      (1.04x: its single kernel against our stage 1 plus the merge) and batch 128,
+      context 128k (1.01x, within the run's noise: the identical one-split call of that
+      row was 0.96x its time). Those are the
+      shapes an engine that plans once per step outside the graph could route to
       ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):

@@ -19,20 +19,28 @@ The roles (``gl.warp_specialize``, two partitions of 4 warps)
 * the **scorer** (default partition) computes a tile's scores alone, ``S = Q K^T`` at
   ``N = 64`` keys (2 KB + 2 KB of shared memory per 64 K MAC: what shared memory
   delivers at the tensor-core rate), the online softmax with all of a row in one warp
-  (no exchange between warpgroups), writes P over the tile's RoPE columns (dead once S
-  is computed: no extra shared memory) and the rescale factors, then adds ``P V`` for
-  output columns ``[256, 512)``;
+  (no exchange between warpgroups), then adds ``P V`` for output columns ``[256, 512)``
+  with P straight from its registers (the score accumulator's layout is the product's
+  A-operand layout), and while that product runs, writes P over the tile's RoPE columns
+  (dead once S is computed: no extra shared memory) and the rescale factors for the
+  streamer;
 * the **streamer** (worker partition) issues every ``cp.async`` of the latent tiles,
   their page-table loads included, so that no copy is on the scorer's path, and adds
   ``P V`` for output columns ``[0, 256)``.
 
 An earlier version kept both warpgroups in step (each computed half of a tile's scores
 at ``N = 32``, the row maxima were exchanged through shared memory, and both issued the
-next tile's copies before the score product): it is 1.02-1.31x this kernel's time at
-the 24 MLA points of ``benchmarks/bench_decode.py`` on an H100
+next tile's copies before the score product): it took 1.02-1.31x the time of this
+kernel's first version at the 24 MLA points of ``benchmarks/bench_decode.py`` on an H100
 (``benchmarks/results/bench_decode_sweep_v15.md``). A variant with two scoring
 warpgroups on alternate tiles is kept as an experiment in
-``benchmarks/mla_seesaw_kernel.py``.
+``benchmarks/mla_seesaw_kernel.py``. Taking the scorer's P from registers instead of
+shared memory (its ``P V`` issued before P is stored, the rescale factors converted in
+registers) made the kernel 1.01-1.12x faster at 128 heads and batch >= 16, 1.00-1.02x
+elsewhere (``bench_decode_sweep_v16.md``). Slower there, not taken: the streamer's half
+of ``P V`` trailing into the next tile's softmax (0.76-0.85x in full, 0.87-0.99x for a
+quarter of the columns: the stage it holds is refilled too late) and the next tile's
+score product queued behind the scorer's ``P V`` (0.80-0.99x).
 
 Per 64-key tile ``j`` (stage ``s = j % 2``, ``NUM_STAGES = 2`` tiles in flight):
 
@@ -203,13 +211,14 @@ if HAVE_GLUON:
         (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_tiles, qk_scale,
          group_size, stride_qb, stride_qh, stride_ob, stride_oh, stride_lb, stride_lh,
          stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
-         ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, m_buf, bars) = args
+         ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, bars) = args
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _HALF, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         ld: gl.constexpr = gl.BlockedLayout(
             size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
@@ -251,24 +260,24 @@ if HAVE_GLUON:
             p, alpha, m_i, l_i = softmax_step(qk, m_i, l_i, lo + j * _BN + offs_ns < hi,
                                               qk_scale)
 
-            # P over the RoPE columns (read by this product only) and the factors, for both
-            kt.store(p.to(kt.dtype))
+            # this half of P V takes P from registers; the streamer's half reads it where
+            # the tile's RoPE columns were (dead once S is done), with the rescale factors
+            pb = p.to(kt.dtype)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = warpgroup_mma(gl.convert_layout(pb, p_op), kr, acc, is_async=True)
+            kt.store(pb)
             a_bufs.index(s).store(alpha)
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(bars.index(_READY + s))
-            acc = acc * a_bufs.index(s).load(row_o)[:, None]
-            acc = warpgroup_mma(kt, kr, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             gl.thread_barrier()
             mbarrier.arrive(bars.index(_EMPTY + s))
 
         l_buf.store(l_i)
-        m_buf.store(m_i)
         gl.thread_barrier()
         mbarrier.arrive(bars.index(_L_READY))
-        # (maxima and denominators read back in the output's row layout, as the streamer's)
-        finish_split(acc, m_buf.load(row_o), l_buf.load(row_o), tile * _BH,
+        finish_split(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), tile * _BH,
                      group_size - tile * _BH, b, split, Out + _HALF, Lse, PartialOut + _HALF,
                      PartialLse, stride_ob, stride_oh, stride_lb, stride_lh, stride_pb,
                      stride_ph, stride_ps, stride_plb, stride_plh, _BH, _HALF, NUM_SPLITS,
@@ -321,7 +330,6 @@ if HAVE_GLUON:
         kt_bufs = gl.allocate_shared_memory(dtype, [2, _BN, _DR], wide_sl)
         a_bufs = gl.allocate_shared_memory(gl.float32, [2, _BH], vec_sl)
         l_buf = gl.allocate_shared_memory(gl.float32, [_BH], vec_sl)
-        m_buf = gl.allocate_shared_memory(gl.float32, [_BH], vec_sl)
         bars = gl.allocate_shared_memory(gl.int64, [_NUM_BARS, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             # every streamer thread arrives once its own copies of a tile land
@@ -337,8 +345,7 @@ if HAVE_GLUON:
         sargs = (Q, Out, Lse, PartialOut, PartialLse, b, tile, split, lo, hi, num_tiles,
                  qk_scale, group_size, stride_qb, stride_qh, stride_ob, stride_oh, stride_lb,
                  stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh,
-                 ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, m_buf,
-                 bars)
+                 ql_smem, qr_smem, qt_smem, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, bars)
         targs = (KV, BlockTable, b, tile, split, lo, hi, num_tiles, group_size, stride_btb,
                  stride_k0, stride_k1, Out, PartialOut, stride_ob, stride_oh, stride_pb,
                  stride_ph, stride_ps, kl_bufs, kr_bufs, kt_bufs, a_bufs, l_buf, bars)
