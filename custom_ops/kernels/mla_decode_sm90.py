@@ -41,6 +41,12 @@ elsewhere (``bench_decode_sweep_v16.md``). Slower there, not taken: the streamer
 of ``P V`` trailing into the next tile's softmax (0.76-0.85x in full, 0.87-0.99x for a
 quarter of the columns: the stage it holds is refilled too late) and the next tile's
 score product queued behind the scorer's ``P V`` (0.80-0.99x).
+Merging the splits inside this kernel instead of in stage 2 was also built and lost
+(``bench_decode_sweep_v17.md``). In one version, the last split to finish merged the
+others' partials alone: at ctx 4k, its better form took 1.7-31 us longer than
+stage 2. In the other, a cooperative launch with a grid-wide barrier spread the merge
+over all programs: 1.8 us slower at MLA-128 B=16 ctx 4k. The partials in bf16 saved
+nothing there either.
 
 Per 64-key tile ``j`` (stage ``s = j % 2``, ``NUM_STAGES = 2`` tiles in flight):
 
