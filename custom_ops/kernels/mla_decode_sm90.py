@@ -47,6 +47,8 @@ others' partials alone: at ctx 4k, its better form took 1.7-31 us longer than
 stage 2. In the other, a cooperative launch with a grid-wide barrier spread the merge
 over all programs: 1.8 us slower at MLA-128 B=16 ctx 4k. The partials in bf16 saved
 nothing there either.
+Copying the latent tiles by TMA instead of ``cp.async`` (one page-table entry per tile,
+9 bulk copies) gave the same times within noise (``bench_decode_sweep_v18.md``).
 
 Per 64-key tile ``j`` (stage ``s = j % 2``, ``NUM_STAGES = 2`` tiles in flight):
 
