@@ -425,6 +425,7 @@ def choose_merge_dv(batch: int, num_q_heads: int, head_dim_v: int, num_kv_splits
     partials and whose grid (``batch * num_q_heads * cdiv(head_dim_v, width)`` programs)
     still has one program per SM. Many (batch, head) rows merging few splits thus take
     whole rows (fewer, fuller programs); batch 1 with many splits keeps narrow chunks.
+    Programs of several heads were no faster (``bench_decode_sweep_v18.md``).
     """
     width = MERGE_DV_CHUNK
     widest = next_pow2(head_dim_v)
