@@ -117,9 +117,8 @@ INTERPRETER_SM_COUNT = 8
 #: H100 sweep (benchmarks/results/bench_decode_sm90_sweep.md, the kernel's earlier
 #: in-step version): 64/2 beat 32/3 and 32/4 at all 8 points (by 15-38%); one program per
 #: SM beat two at all 8 (MLA-128 B=64 ctx 4k: 196 us with 1 split, 288 us with 2). The
-#: warp-specialized kernel is built for 64/2 (two 72 KB stages next to the query tile)
-SM90_BLOCK_N = sm90.BLOCK_N
-SM90_NUM_STAGES = sm90.NUM_STAGES
+#: warp-specialized kernel is built for 64/2 (``sm90.BLOCK_N``, ``sm90.NUM_STAGES``: two
+#: 72 KB stages next to the query tile)
 SM90_PROGRAMS_PER_SM = 1
 #: the SM90 Gluon GQA stage 1 (``gqa_decode_sm90.py``, static and paged caches): keys per
 #: tile and tiles in flight (fewer where they would not fit ``SM90_SMEM_BYTES``). Where
@@ -460,7 +459,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
 
     A call the SM90 Gluon MLA kernel can run (``sm90_eligible``, from
     ``mla_decode_sm90.supports``) runs it unless ``kernel="triton"`` is forced: 64-head
-    tiles, ``SM90_BLOCK_N`` keys, ``SM90_NUM_STAGES`` tiles in flight, two partitions of
+    tiles, ``sm90.BLOCK_N`` keys, ``sm90.NUM_STAGES`` tiles in flight, two partitions of
     4 warps (scorer and streamer; ``num_warps`` is the scorer's), and
     ``SM90_PROGRAMS_PER_SM`` as the split target. A call the SM90 Gluon GQA kernel can run
     (``sm90_gqa_eligible``, from ``gqa_decode_sm90.supports``; static or paged cache) runs
@@ -502,7 +501,7 @@ def decode_settings(*, batch: int, num_kv_heads: int, group_size: int, head_dim_
                                                  sm_count(device), per_sm=SM90_PROGRAMS_PER_SM)
         if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
             raise ValueError(f"num_kv_splits: expected 1..{MAX_KV_SPLITS}, got {num_kv_splits}")
-        return DecodeConfig(sm90.BLOCK_H, SM90_BLOCK_N, sm90.NUM_WARPS, SM90_NUM_STAGES,
+        return DecodeConfig(sm90.BLOCK_H, sm90.BLOCK_N, sm90.NUM_WARPS, sm90.NUM_STAGES,
                             num_kv_splits,
                             merge_chunk or MERGE_CHUNK, merge_width(num_kv_splits),
                             merge_warps or MERGE_WARPS, kernel="sm90")
