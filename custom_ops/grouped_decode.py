@@ -243,9 +243,8 @@ def choose_backend(q, k_cache, v_cache, block_table, seq_lens, mask, softcap, wi
       for MLA (SM90 stage 1) two points where it is: 128 heads at batch 16, context 4k
       (1.04x: its single kernel against our stage 1 plus the merge) and batch 128,
       context 128k (1.01x, within the run's noise: the identical one-split call of that
-      row was 0.96x its time). Those are the
-      shapes an engine that plans once per step outside the graph could route to
-      ``BatchMLAPagedAttentionWrapper``; this op does not.
+      row was 0.96x its time). Those are the shapes an engine that plans once per step
+      outside the graph could route to ``BatchMLAPagedAttentionWrapper``; this op does not.
     """
     if use_kernel(q.device):
         return "triton"
