@@ -46,7 +46,9 @@ Merging the splits inside this kernel instead of in stage 2 was also built and l
 others' partials alone: at ctx 4k, its better form took 1.7-31 us longer than
 stage 2. In the other, a cooperative launch with a grid-wide barrier spread the merge
 over all programs: 1.8 us slower at MLA-128 B=16 ctx 4k. The partials in bf16 saved
-nothing there either.
+nothing there either. A third version, in which only the splits of one (sequence, head
+tile) wait for each other, was 0.9-1.8 us slower at 128 heads
+(``bench_decode_sweep_v19.md``).
 Copying the latent tiles by TMA instead of ``cp.async`` (one page-table entry per tile,
 9 bulk copies) gave the same times within noise (``bench_decode_sweep_v18.md``).
 
