@@ -48,7 +48,9 @@ stage 2. In the other, a cooperative launch with a grid-wide barrier spread the 
 over all programs: 1.8 us slower at MLA-128 B=16 ctx 4k. The partials in bf16 saved
 nothing there either. A third version, in which only the splits of one (sequence, head
 tile) wait for each other, was 0.9-1.8 us slower at 128 heads
-(``bench_decode_sweep_v19.md``).
+(``bench_decode_sweep_v19.md``). 32-key tiles in 4 stages (three tiles' copies in
+flight instead of one) were slower everywhere, 0.78-0.82x at the compute-bound points
+(same file).
 Copying the latent tiles by TMA instead of ``cp.async`` (one page-table entry per tile,
 9 bulk copies) gave the same times within noise (``bench_decode_sweep_v18.md``).
 
