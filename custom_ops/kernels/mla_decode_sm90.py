@@ -289,11 +289,11 @@ if HAVE_GLUON:
         l_buf.store(l_i)
         gl.thread_barrier()
         mbarrier.arrive(bars.index(_L_READY))
-        finish_split(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o), tile * _BH,
-                     group_size - tile * _BH, b, split, Out + _HALF, Lse, PartialOut + _HALF,
-                     PartialLse, stride_ob, stride_oh, stride_lb, stride_lh, stride_pb,
-                     stride_ph, stride_ps, stride_plb, stride_plh, _BH, _HALF, NUM_SPLITS,
-                     o_layout, o_layout)
+        finish_split(acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o),
+                     tile * _BH, group_size - tile * _BH, b, split, Out + _HALF, Lse,
+                     PartialOut + _HALF, PartialLse, stride_ob, stride_oh, stride_lb,
+                     stride_lh, stride_pb, stride_ph, stride_ps, stride_plb, stride_plh, _BH,
+                     _HALF, NUM_SPLITS, o_layout, o_layout)
 
     # constexprs travel as arguments of their own (inside a tuple they would become
     # run-time values); both partitions take the same arguments
